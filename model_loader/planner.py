@@ -1,0 +1,249 @@
+"""Predict each engine's GPU memory and KV-cache capacity before building anything.
+
+TurboMind loads the weights, reserves its runtime buffers, then gives the KV cache `ratio` x the memory free at
+that moment. So the order matters: the first engine's cache takes a share of a bigger free pool and can leave the
+second without room for its weights. All figures are MiB.
+
+Why the 4-bit InternLM2-1.8B is ~1.5 GB and not a quarter of its 3.6 GB fp16 size: only the transformer's linear
+layers are 4-bit (plus fp16 scales and zeros per 128 weights); the token embedding and output head (92,544 x
+2,048 each) stay fp16, and they are 0.76 GB of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 2**20
+
+# Measured on an H100 80GB with lmdeploy 0.11.1 TurboMind (bench/ and scripts/gpu_check.py refit these):
+# the CUDA context and the first engine's process-wide state, and each engine's runtime buffers.
+CUDA_CONTEXT_MIB = 520.0
+TEXT_RUNTIME_MIB = 1100.0
+VISION_RUNTIME_MIB = 1500.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner needs to know of one model, read from its config.json."""
+
+    name: str
+    kind: str  # "text" or "vision"
+    weights_mib: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+    runtime_mib: float
+    kv_bytes: int = 2  # fp16 cache (quant_policy 0)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer: 2 x layers x kv_heads x head_dim x bytes."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """One engine's predicted memory."""
+
+    name: str
+    kind: str
+    free_before_mib: float
+    weights_mib: float
+    runtime_mib: float
+    kv_mib: float
+    kv_tokens: int
+    fits: bool
+
+    @property
+    def total_mib(self) -> float:
+        return self.weights_mib + self.runtime_mib + self.kv_mib
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole card: engines in load order, what is left, and whether it works."""
+
+    gpu_total_mib: float
+    free_at_start_mib: float
+    ratio: float
+    order: tuple[str, ...]
+    engines: tuple[EnginePlan, ...]
+    spare_mib: float
+    fits: bool
+    advice: tuple[str, ...] = field(default_factory=tuple)
+
+    def used_after(self, i: int) -> float:
+        """Predicted GPU memory in use after engine i is built (as nvidia-smi shows it)."""
+        return self.gpu_total_mib - self.free_at_start_mib + CUDA_CONTEXT_MIB + sum(
+            e.total_mib for e in self.engines[: i + 1])
+
+
+def linear_params(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int) -> int:
+    """Parameters in a Llama-style block stack's linear layers (q, k, v, o, gate, up, down)."""
+    head_dim = hidden // heads
+    attn = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    mlp = 3 * hidden * intermediate
+    return layers * (attn + mlp)
+
+
+def weights_mib(cfg: dict, awq: bool) -> float:
+    """Bytes TurboMind holds for the language model's weights."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    lin = linear_params(h, i, heads, kv, layers)
+    if awq:
+        group = (cfg.get("quantization_config") or {}).get("group_size", 128)
+        lin_bytes = lin / 2 + lin / group * 4  # 4-bit weights + fp16 scale and zero per group
+    else:
+        lin_bytes = lin * 2
+    embed_bytes = 2 * vocab * h * 2  # input embedding + output head, fp16
+    norm_bytes = (2 * layers + 1) * h * 2
+    return (lin_bytes + embed_bytes + norm_bytes) / MIB
+
+
+def vision_tower_mib(vcfg: dict, text_hidden: int) -> float:
+    """CLIP vision tower plus projector, fp16; it runs in PyTorch beside TurboMind."""
+    h, i, n = vcfg.get("hidden_size", 1024), vcfg.get("intermediate_size", 4096), vcfg.get("num_hidden_layers", 24)
+    patches = (vcfg.get("image_size", 336) // vcfg.get("patch_size", 14)) ** 2 + 1
+    params = n * (4 * h * h + 2 * h * i) + patches * h + 3 * 14 * 14 * h
+    projector = h * text_hidden + text_hidden * text_hidden
+    return (params + projector) * 2 / MIB
+
+
+def spec_from_config(cfg: dict, name: str) -> ModelSpec:
+    """A ModelSpec from a config.json dict (InternLM2 or llava-hf)."""
+    if "text_config" in cfg:  # llava-hf
+        t = dict(cfg["text_config"])
+        t.setdefault("hidden_size", 4096)
+        t.setdefault("intermediate_size", 11008)
+        t.setdefault("num_attention_heads", 32)
+        t.setdefault("num_hidden_layers", 32)
+        t.setdefault("vocab_size", 32064)
+        w = weights_mib(t, awq=bool(t.get("quantization_config") or cfg.get("quantization_config")))
+        w += vision_tower_mib(cfg.get("vision_config", {}), t["hidden_size"])
+        kind, runtime = "vision", VISION_RUNTIME_MIB
+    else:
+        t = cfg
+        w = weights_mib(t, awq=bool(t.get("quantization_config")))
+        kind, runtime = "text", TEXT_RUNTIME_MIB
+    heads = t["num_attention_heads"]
+    return ModelSpec(name=name, kind=kind, weights_mib=w, layers=t["num_hidden_layers"],
+                     kv_heads=t.get("num_key_value_heads") or heads, head_dim=t["hidden_size"] // heads,
+                     runtime_mib=runtime)
+
+
+def spec_from_path(path: str | Path, name: str) -> ModelSpec:
+    """A ModelSpec read from a model directory's config.json."""
+    return spec_from_config(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")), name)
+
+
+# The shipped models' shapes, so `--plan` works before anything is downloaded.
+INTERNLM2_1_8B_AWQ = spec_from_config(
+    {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_key_value_heads": 8,
+     "num_hidden_layers": 24, "vocab_size": 92544, "quantization_config": {"group_size": 128}},
+    "internlm2-chat-1_8b (4-bit AWQ)")
+INTERNLM2_1_8B_FP16 = spec_from_config(
+    {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_key_value_heads": 8,
+     "num_hidden_layers": 24, "vocab_size": 92544}, "internlm2-chat-1_8b (fp16)")
+LLAVA_1_5_7B = spec_from_config(
+    {"text_config": {"vocab_size": 32064}, "vision_config": {}}, "llava-1.5-7b-hf (fp16)")
+LLAVA_1_5_7B_AWQ = spec_from_config(
+    {"text_config": {"vocab_size": 32064, "quantization_config": {"group_size": 128}}, "vision_config": {}},
+    "llava-1.5-7b (4-bit AWQ)")
+
+
+def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
+    """Build one engine out of `free_mib`: weights and runtime first, then ratio x what is left for KV."""
+    after_weights = free_mib - spec.weights_mib - spec.runtime_mib
+    fits = after_weights > 0
+    kv = max(0.0, ratio * after_weights)
+    tokens = int(kv * MIB // spec.kv_bytes_per_token)
+    return EnginePlan(spec.name, spec.kind, free_mib, spec.weights_mib, spec.runtime_mib, kv, tokens, fits)
+
+
+def plan_order(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
+               min_kv_tokens: dict[str, int] | None = None) -> Plan:
+    """Plan engines built in the given order on a card with `free_mib` free."""
+    min_kv_tokens = min_kv_tokens or {}
+    free = free_mib - CUDA_CONTEXT_MIB
+    engines = []
+    ok = free > 0
+    for s in specs:
+        e = plan_engine(s, free, ratio)
+        if e.kv_tokens < min_kv_tokens.get(s.kind, 0):
+            e = EnginePlan(e.name, e.kind, e.free_before_mib, e.weights_mib, e.runtime_mib, e.kv_mib, e.kv_tokens,
+                           False)
+        engines.append(e)
+        ok = ok and e.fits
+        free -= e.total_mib
+    return Plan(gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok)
+
+
+def best_plan(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
+              load_order: str = "auto", min_kv_tokens: dict[str, int] | None = None) -> Plan:
+    """Pick the load order (the biggest model first unless told), and say what to change when nothing fits."""
+    by_kind = {s.kind: s for s in specs}
+    if load_order == "text-first":
+        orders = [sorted(specs, key=lambda s: s.kind != "text")]
+    elif load_order == "vision-first":
+        orders = [sorted(specs, key=lambda s: s.kind != "vision")]
+    else:
+        # the larger model first: its weights need the room that the other's KV cache would take
+        orders = [sorted(specs, key=lambda s: -s.weights_mib), sorted(specs, key=lambda s: s.weights_mib)]
+    plans = [plan_order(o, gpu_total_mib, free_mib, ratio, min_kv_tokens) for o in orders]
+    good = [p for p in plans if p.fits]
+    if good:
+        return good[0]
+    p = plans[0]
+    return Plan(p.gpu_total_mib, p.free_at_start_mib, p.ratio, p.order, p.engines, p.spare_mib, False,
+                tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)))
+
+
+def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:
+    """The ways out when the engines do not fit, each checked with the planner itself."""
+    out = []
+    for r in (0.3, 0.2, 0.1, 0.05):
+        if r < ratio and plan_order(sorted(specs, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r,
+                                    min_kv_tokens).fits:
+            out.append(f"lower the KV-cache ratio: --kv-ratio {r} fits")
+            break
+    if "vision" in by_kind and by_kind["vision"].weights_mib > LLAVA_1_5_7B_AWQ.weights_mib * 1.2:
+        alt = [LLAVA_1_5_7B_AWQ if s.kind == "vision" else s for s in specs]
+        if plan_order(sorted(alt, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, ratio, min_kv_tokens).fits:
+            out.append("use a 4-bit AWQ LLaVA (--vision-model pointing at an AWQ llava-hf checkpoint)")
+    for kind, flag in (("text", "--no-enable-vision"), ("vision", "--no-enable-text")):
+        if kind in by_kind and plan_order([by_kind[kind]], gpu_total_mib, free_mib, ratio, min_kv_tokens).fits:
+            out.append(f"serve the {kind} model only ({flag})")
+    if not out:
+        out.append("use a GPU with more free memory, or --backend api_server with lmdeploy serving elsewhere")
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a text table for --plan, --check and the logs."""
+    lines = [
+        f"GPU: {p.gpu_total_mib / 1024:.1f} GiB total, {p.free_at_start_mib / 1024:.1f} GiB free; "
+        f"KV ratio {p.ratio}; load order: {' then '.join(p.order)}",
+        f"{'engine':<34}{'free before':>12}{'weights':>10}{'runtime':>10}{'KV cache':>10}{'KV tokens':>11}"
+        f"{'in use after':>14}",
+    ]
+    for i, e in enumerate(p.engines):
+        lines.append(
+            f"{e.name:<34}{e.free_before_mib:>10.0f}M{e.weights_mib:>9.0f}M{e.runtime_mib:>9.0f}M{e.kv_mib:>9.0f}M"
+            f"{e.kv_tokens:>11,}{p.used_after(i):>13.0f}M" + ("" if e.fits else "  DOES NOT FIT"))
+    lines.append(f"spare after both: {p.spare_mib:.0f} MiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
+    for a in p.advice:
+        lines.append(f"  way out: {a}")
+    return "\n".join(lines)
+
+
+def ratio_table(spec: ModelSpec, free_mib: float, ratios=(0.01, 0.2, 0.4, 0.6, 0.8)) -> list[tuple[float, float, int]]:
+    """(ratio, predicted MiB the engine takes, KV tokens) for one engine alone: how the ratio moves memory."""
+    rows = []
+    for r in ratios:
+        e = plan_engine(spec, free_mib - CUDA_CONTEXT_MIB, r)
+        rows.append((r, CUDA_CONTEXT_MIB + e.total_mib, e.kv_tokens))
+    return rows

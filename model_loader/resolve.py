@@ -1,0 +1,52 @@
+"""Resolve both models to validated local directories, in the order the issue asks for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from model_loader import sources
+from model_loader.config import AppConfig
+from model_loader.errors import AppError, WeightsInvalid
+from model_loader.quantize import ensure_awq
+from model_loader.sources import Resolved
+from model_loader.validation import read_config, text_model_problems, vision_model_problems
+
+log = logging.getLogger(__name__)
+
+
+def _text_any(path: Path) -> list[str]:
+    """An InternLM2 checkpoint that is either AWQ already or fp16 to quantize."""
+    return text_model_problems(path, require_awq=False)
+
+
+def resolve_text(cfg: AppConfig, env: Mapping[str, str], progress: Callable[[str], None] = log.info,
+                 quantize: Callable[..., Path] = ensure_awq) -> Resolved:
+    """Local directory; else a pre-quantized repo; else the fp16 repo, quantized once and cached."""
+    cache = cfg.cache_path
+    if sources.is_local(cfg.text_model):
+        r = sources.fetch_model(cfg.text_model, cache, cfg.hub, env, _text_any, progress)
+    else:
+        r = None
+        if cfg.text_awq_repo:
+            try:
+                r = sources.fetch_model(cfg.text_awq_repo, cache, cfg.hub, env,
+                                        lambda p: text_model_problems(p, require_awq=True), progress)
+            except AppError as e:
+                log.warning("pre-quantized %s unavailable (%s); falling back to %s", cfg.text_awq_repo, e,
+                            cfg.text_model)
+        if r is None:
+            r = sources.fetch_model(cfg.text_model, cache, cfg.hub, env, _text_any, progress)
+    config, _ = read_config(r.path)
+    if config and config.get("quantization_config"):
+        problems = text_model_problems(r.path, require_awq=True)
+        if problems:
+            raise WeightsInvalid(problems, str(r.path))
+        return r
+    return Resolved(quantize(r.path, progress), "quantized", r.repo or str(r.path))
+
+
+def resolve_vision(cfg: AppConfig, env: Mapping[str, str], progress: Callable[[str], None] = log.info) -> Resolved:
+    """A llava-hf directory or repo id, validated."""
+    return sources.fetch_model(cfg.vision_model, cfg.cache_path, cfg.hub, env, vision_model_problems, progress)

@@ -1,0 +1,123 @@
+"""Chat history <-> engine messages, context trimming, stats text and exports: pure functions, no gradio."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from model_loader.engine import Stats
+
+# Control tokens of InternLM2 and LLaVA. User text containing them must reach the model as plain text, so a
+# zero-width space is put after the first character: the tokenizer then cannot match the special token.
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>",
+                  "<|plugin|>", "<s>", "</s>", "<unk>", "<image>", "<pad>")
+ZWSP = "\u200b"
+
+
+def neutralize(text: str) -> str:
+    """Break every special-token string in `text` so it is tokenized as ordinary characters."""
+    for tok in SPECIAL_TOKENS:
+        if tok in text:
+            text = text.replace(tok, tok[0] + ZWSP + tok[1:])
+    return text
+
+
+def text_of(content) -> str:
+    """The text of a Chatbot message's content (str, or a file/component dict for images)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") or ""
+    if isinstance(content, list):
+        return " ".join(text_of(c) for c in content)
+    return ""
+
+
+def is_image_message(m: dict) -> bool:
+    """An image the user uploaded, shown in the Chatbot as a file."""
+    c = m.get("content")
+    if isinstance(c, dict):
+        return "path" in c or c.get("component") == "image"
+    if isinstance(c, list):
+        return any(isinstance(x, dict) and ("path" in x or x.get("type") == "file") for x in c)
+    return False
+
+
+def to_engine_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
+    """Chatbot messages (role/content) as engine messages, with special tokens neutralized."""
+    out = []
+    if system_prompt.strip():
+        out.append({"role": "system", "content": neutralize(system_prompt.strip())})
+    for m in history:
+        if m.get("role") not in ("user", "assistant") or is_image_message(m):
+            continue
+        text = text_of(m.get("content"))
+        if m["role"] == "assistant" and not text:
+            continue
+        out.append({"role": m["role"], "content": neutralize(text)})
+    return out
+
+
+def to_vision_messages(history: list[dict], image) -> list[dict]:
+    """The turns since the last uploaded image, the image attached to the first question after it."""
+    start = 0
+    for i, m in enumerate(history):
+        if is_image_message(m):
+            start = i + 1
+    msgs = to_engine_messages(history[start:])
+    for m in msgs:
+        if m["role"] == "user":
+            m["content"] = [{"type": "text", "text": m["content"]}, {"type": "image", "image": image}]
+            break
+    return msgs
+
+
+def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest user/assistant turns (never the system prompt nor the last question) until `count` fits.
+
+    Returns the kept messages and how many earlier messages were dropped.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    dropped = 0
+    while len(rest) > 1 and count(system + rest) > budget:
+        rest = rest[1:]
+        dropped += 1
+        while len(rest) > 1 and rest[0]["role"] != "user":
+            rest = rest[1:]
+            dropped += 1
+    return system + rest, dropped
+
+
+def format_stats(s: Stats) -> str:
+    """'128 tokens · 540.2 tokens/s · first token 12 ms' for the line under the chat."""
+    parts = [f"{s.output_tokens} tokens", f"{s.tokens_per_s:.1f} tokens/s", f"first token {s.ttft_s * 1000:.0f} ms",
+             f"{s.input_tokens} prompt tokens"]
+    if s.finish_reason == "length":
+        parts.append("stopped at max new tokens")
+    elif s.finish_reason == "abort":
+        parts.append("stopped")
+    return " · ".join(parts)
+
+
+def to_markdown(history: list[dict], title: str = "Conversation") -> str:
+    """A conversation as Markdown for download."""
+    lines = [f"# {title}", ""]
+    for m in history:
+        who = {"user": "**User**", "assistant": "**Assistant**"}.get(m.get("role"), m.get("role", ""))
+        body = "[image]" if is_image_message(m) else text_of(m.get("content"))
+        lines += [f"{who}:", "", body, ""]
+    return "\n".join(lines)
+
+
+def to_json(history: list[dict]) -> str:
+    """A conversation as JSON (role/content; images as their file name)."""
+    rows = []
+    for m in history:
+        if is_image_message(m):
+            c = m["content"]
+            path = c.get("path", "") if isinstance(c, dict) else ""
+            rows.append({"role": m["role"], "content": {"image": path.rsplit("/", 1)[-1]}})
+        else:
+            rows.append({"role": m.get("role"), "content": text_of(m.get("content"))})
+    return json.dumps(rows, ensure_ascii=False, indent=1)
