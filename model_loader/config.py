@@ -59,6 +59,7 @@ class AppConfig:
     auth: str = ""
     gpu_mem_gib: float = 0.0
     log_level: str = "INFO"
+    bench_ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ratio < 1.0:
@@ -131,6 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "APP_AUTH", str, "Optional login, user:password[,user2:password2]; never logged."),
     Setting("gpu_mem_gib", "APP_GPU_MEM_GIB", float, "GPU memory to plan for with --plan (0: ask the GPU)."),
     Setting("log_level", "APP_LOG_LEVEL", str, "Logging level."),
+    Setting("bench_ignore_eos", "APP_BENCH_IGNORE_EOS", bool, "Benchmarks only: generate max_new_tokens every time."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -32,6 +32,7 @@ class Slot:
     engine: ChatEngine | None = None
     log: list[str] = field(default_factory=list)
     used_mib_after: float = 0.0
+    ignore_eos: bool = False  # benchmarks only (APP_BENCH_IGNORE_EOS)
 
     def say(self, message: str) -> None:
         self.message = message
@@ -56,6 +57,7 @@ class Startup:
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
             self.slots[kind] = Slot(kind) if enabled else Slot(kind, "disabled", "Disabled by configuration")
+            self.slots[kind].ignore_eos = self.cfg.bench_ignore_eos
 
     def start(self) -> threading.Thread:
         """Run `build_all` on a daemon thread and return at once."""

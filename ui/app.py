@@ -21,6 +21,12 @@ def status_line(slot: Slot) -> str:
     return f"{STATE_ICONS.get(slot.state, '')} **{slot.state.capitalize()}** — {slot.message}"
 
 
+def startup_status(startup: Startup) -> dict:
+    """Engine states for health checks and scripts (`/status` in the API)."""
+    return {k: {"state": s.state, "message": s.message, "active": s.engine.active_sessions() if s.engine else 0}
+            for k, s in startup.slots.items()}
+
+
 def build_demo(startup: Startup, cfg: AppConfig) -> tuple[gr.Blocks, gr.I18n]:
     """The app: Chat, Image chat and System tabs over the start-up's engine slots."""
     i18n = build_i18n()
@@ -45,6 +51,10 @@ def build_demo(startup: Startup, cfg: AppConfig) -> tuple[gr.Blocks, gr.I18n]:
         demo.load(refresh_status, None, outputs, api_name=False, queue=False)
         demo.load(lambda h: h or [], saved, chat.chatbot, api_name=False, queue=False)
         demo.load(system.load_fn, None, system.outputs, api_name=False, queue=False)
+        def status() -> dict:
+            return startup_status(startup)
+
+        gr.api(status, api_name="status")
         timer = gr.Timer(1.0)
         timer.tick(refresh_status, None, outputs, api_name=False, queue=False, show_progress="hidden")
     demo_ref.append(demo)

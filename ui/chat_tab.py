@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import gradio as gr
 
 from model_loader.startup import Slot
@@ -35,7 +33,8 @@ async def stream_reply(slot: Slot, history: list[dict], system_prompt: str, temp
     history = list(history or [])
     if not history or history[-1].get("role") != "user":
         raise gr.Error("There is no question to answer; send a message first.", title="Nothing to answer")
-    settings = C.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+    settings = C.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                               slot.ignore_eos)
     messages = H.to_engine_messages(history, system_prompt or "")
     messages, notice = C.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
     sid = C.session_id(request, "text")
@@ -108,7 +107,15 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
                 export_json = gr.Button(i18n("export_json"), size="sm")
             export_file = gr.File(label=i18n("export"), interactive=False)
 
-        reply = functools.partial(stream_reply, slot)
+        async def reply(history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                        request: gr.Request):
+            async for update in stream_reply(slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens,
+                                             repetition_penalty, seed, request):
+                yield update
+
+        async def stop_this(request: gr.Request):
+            await stop_reply(slot, request)
+
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
         limit = dict(concurrency_limit=concurrency, concurrency_id="text")
 
@@ -127,7 +134,7 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
         ev_retry = chain(chatbot.retry(drop_last_reply, chatbot, chatbot, api_name=False, queue=False), False)
         ev_edit = chain(chatbot.edit(edit_message, chatbot, chatbot, api_name=False, queue=False), False)
         running = [ev_submit, ev_send, ev_regen, ev_retry, ev_edit]
-        stop.click(functools.partial(stop_reply, slot), None, None, cancels=running, api_name="stop", queue=False)
+        stop.click(stop_this, None, None, cancels=running, api_name="stop", queue=False)
         undo.click(undo_last_turn, chatbot, [chatbot, msg], api_name="undo", queue=False).then(
             lambda h: h, chatbot, saved, api_name=False, queue=False)
         chatbot.undo(undo_last_turn, chatbot, [chatbot, msg], api_name=False, queue=False)

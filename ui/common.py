@@ -45,7 +45,8 @@ def show_error(e: AppError) -> gr.Error:
     return gr.Error(str(e), title=type(e).__name__)
 
 
-def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed) -> GenSettings:
+def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                  ignore_eos: bool = False) -> GenSettings:
     """GenSettings from the sliders, clamped to sane ranges (the API can send anything)."""
     return GenSettings(
         temperature=max(0.0, min(2.0, float(temperature))),
@@ -54,6 +55,7 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
         max_new_tokens=max(1, min(8192, int(max_new_tokens))),
         repetition_penalty=max(0.5, min(2.0, float(repetition_penalty))),
         seed=max(0, int(seed or 0)),
+        ignore_eos=ignore_eos,
     )
 
 

@@ -43,6 +43,19 @@ def is_image_message(m: dict) -> bool:
     return False
 
 
+def image_path(m: dict) -> str:
+    """The file path of an image message (str content dict, or Gradio 6's list of file parts)."""
+    c = m.get("content")
+    parts = c if isinstance(c, list) else [c]
+    for p in parts:
+        if isinstance(p, dict):
+            if "path" in p:
+                return p["path"]
+            if isinstance(p.get("file"), dict):
+                return p["file"].get("path", "")
+    return ""
+
+
 def to_engine_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
     """Chatbot messages (role/content) as engine messages, with special tokens neutralized."""
     out = []
@@ -115,8 +128,7 @@ def to_json(history: list[dict]) -> str:
     rows = []
     for m in history:
         if is_image_message(m):
-            c = m["content"]
-            path = c.get("path", "") if isinstance(c, dict) else ""
+            path = image_path(m)
             rows.append({"role": m["role"], "content": {"image": path.rsplit("/", 1)[-1]}})
         else:
             rows.append({"role": m.get("role"), "content": text_of(m.get("content"))})

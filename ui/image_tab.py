@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from pathlib import Path
 
@@ -52,7 +51,7 @@ async def stream_image_reply(slot: Slot, max_pixels: int, image: str | None, his
         img = load_image(image, max_pixels)
     except BadInput as e:
         raise C.show_error(e) from e
-    settings = C.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
+    settings = C.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0, slot.ignore_eos)
     messages = H.to_vision_messages(history, img)
     messages, notice = C.fit_messages(engine, messages, engine.info.session_len or 4096, settings.max_new_tokens)
     if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
@@ -91,9 +90,19 @@ def build_image_tab(slot: Slot, i18n, concurrency: int, max_pixels: int) -> gr.B
         gr.Examples(["What is in this image?", "Describe the image in detail.", "这张图片里有什么？"],
                     inputs=question, label=i18n("examples"))
 
-        reply = functools.partial(stream_image_reply, slot, max_pixels)
+        async def reply(image, history, temperature, max_new_tokens, request: gr.Request):
+            async for update in stream_image_reply(slot, max_pixels, image, history, temperature, max_new_tokens,
+                                                   request):
+                yield update
+
+        async def stop_this(request: gr.Request):
+            await stop_image_reply(slot, request)
+
+        def on_upload(path, history):
+            return prepare_image(path, history, max_pixels)
+
         limit = dict(concurrency_limit=concurrency, concurrency_id="vision")
-        image.upload(functools.partial(prepare_image, max_pixels=max_pixels), [image, chatbot], [chatbot, image],
+        image.upload(on_upload, [image, chatbot], [chatbot, image],
                      api_name="set_image", queue=False)
         asked = [
             question.submit(add_question, [question, chatbot, image], [question, chatbot], api_name="add_question",
@@ -105,7 +114,7 @@ def build_image_tab(slot: Slot, i18n, concurrency: int, max_pixels: int) -> gr.B
                     api_name="image_chat" if i == 0 else False, **limit)
             for i, ev in enumerate(asked)
         ]
-        stop.click(functools.partial(stop_image_reply, slot), None, None, cancels=running, api_name="stop_image",
+        stop.click(stop_this, None, None, cancels=running, api_name="stop_image",
                    queue=False)
         clear.click(lambda: ([], None, ""), None, [chatbot, image, stats], api_name="clear_image", queue=False)
     tab.status, tab.ask = status, ask

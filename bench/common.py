@@ -1,0 +1,39 @@
+"""Helpers shared by the GPU scripts: synthetic checkpoints, nvidia-smi, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from model_loader.gpu import gpu_memory
+
+MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/m"))
+TEXT = MODELS / "internlm2-chat-1_8b-awq"
+VISION = MODELS / "llava-1.5-7b-hf"
+OUT = Path(os.environ.get("OUT", "bench/out"))
+
+
+def ensure_checkpoints() -> dict:
+    """Full-size synthetic checkpoints from the project's own writer (skipped when already there)."""
+    from model_loader.synth import write_internlm2, write_llava
+
+    took = {}
+    for path, write in ((TEXT, lambda: write_internlm2(TEXT, "full", "awq")), (VISION, lambda: write_llava(VISION))):
+        if not (path / "config.json").is_file():
+            t0 = time.perf_counter()
+            write()
+            took[path.name] = round(time.perf_counter() - t0, 1)
+    return took
+
+
+def used_mib() -> float:
+    m = gpu_memory()
+    return m.used_mib if m else 0.0
+
+
+def save(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text(json.dumps(data, indent=1, default=str))
+    print("RESULT", name, json.dumps(data, default=str)[:3000], flush=True)

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny synthetic checkpoints, the fake engine in start-up slots, a launched app."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model_loader.config import AppConfig
+from model_loader.startup import Slot, Startup
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny InternLM2 (AWQ and fp16) and LLaVA checkpoints written by the project's own writer."""
+    from model_loader.synth import write_internlm2, write_llava
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "awq": write_internlm2(root / "internlm2-awq", size="tiny", fmt="awq", device="cpu"),
+        "fp16": write_internlm2(root / "internlm2-chat-1_8b", size="tiny", fmt="fp16", device="cpu"),
+        "llava": write_llava(root / "llava-1.5-7b-hf", size="tiny", device="cpu"),
+    }
+
+
+@pytest.fixture
+def copy_model(tmp_path):
+    """Copy a model directory into this test's temp dir so the test can break it."""
+
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+def fake_startup(text: FakeEngine | None = None, vision: FakeEngine | None = None, **cfg) -> Startup:
+    """A Startup whose slots hold fake engines (or stay failed with a message)."""
+    st = Startup(AppConfig(**cfg), {})
+    for kind, eng in (("text", text), ("vision", vision)):
+        slot: Slot = st.slots[kind]
+        if eng is not None:
+            slot.engine, slot.state, slot.message = eng, "ready", "Ready"
+        else:
+            slot.state, slot.message = "failed", f"The {kind} engine failed to start: test"
+    return st
+
+
+@pytest.fixture
+def engines():
+    return FakeEngine("text"), FakeEngine("vision")
+
+
+@pytest.fixture
+def launched(engines, tmp_path, monkeypatch):
+    """The real Blocks app over fake engines, launched on a free localhost port; yields (url, engines, startup)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from ui.app import build_demo, launch_kwargs
+
+    text, vision = engines
+    st = fake_startup(text, vision, host="127.0.0.1", port=7860, max_image_pixels=60_000_000)
+    demo, i18n = build_demo(st, st.cfg)
+    kw = launch_kwargs(st.cfg, i18n)
+    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(**kw)
+    try:
+        yield url, engines, st
+    finally:
+        demo.close()
