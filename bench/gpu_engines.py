@@ -128,8 +128,11 @@ def sessions64(text):
             hist.append({"role": "assistant", "content": "ok"})
         return errors
 
+    async def everyone():
+        return await asyncio.wait_for(asyncio.gather(*[user(i) for i in range(64)]), 300)
+
     t0 = time.perf_counter()
-    errs = asyncio.run(asyncio.wait_for(asyncio.gather(*[user(i) for i in range(64)]), 300))
+    errs = asyncio.run(everyone())
     return {"sessions": 64, "turns": 5, "errors": sum(errs), "wall_s": round(time.perf_counter() - t0, 1),
             "after": engine_idle(text)}
 

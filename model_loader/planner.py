@@ -17,11 +17,12 @@ from pathlib import Path
 
 MIB = 2**20
 
-# Measured on an H100 80GB with lmdeploy 0.11.1 TurboMind (bench/ and scripts/gpu_check.py refit these):
-# the CUDA context and the first engine's process-wide state, and each engine's runtime buffers.
-CUDA_CONTEXT_MIB = 520.0
-TEXT_RUNTIME_MIB = 1100.0
-VISION_RUNTIME_MIB = 1500.0
+# Fitted to measurements on an H100 80GB with lmdeploy 0.11.1 TurboMind (bench/gpu_engines.py, ratios 0.01, 0.4
+# and 0.8 with the full-size InternLM2 AWQ; LLaVA-7B at 0.4): a fresh process's CUDA context, the memory an engine
+# takes before TurboMind sizes its KV cache (`pre_kv`), and what of it stays afterwards (`overhead`).
+CUDA_CONTEXT_MIB = 500.0
+TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 923.0, 840.0
+VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 1300.0, 1300.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class ModelSpec:
     layers: int
     kv_heads: int
     head_dim: int
-    runtime_mib: float
+    runtime_mib: float  # what stays besides weights and KV cache
+    pre_kv_mib: float = 0.0  # what is taken before the KV cache is sized from free memory
     kv_bytes: int = 2  # fp16 cache (quant_policy 0)
 
     @property
@@ -124,15 +126,15 @@ def spec_from_config(cfg: dict, name: str) -> ModelSpec:
         t.setdefault("vocab_size", 32064)
         w = weights_mib(t, awq=bool(t.get("quantization_config") or cfg.get("quantization_config")))
         w += vision_tower_mib(cfg.get("vision_config", {}), t["hidden_size"])
-        kind, runtime = "vision", VISION_RUNTIME_MIB
+        kind, runtime, pre_kv = "vision", VISION_OVERHEAD_MIB, VISION_PRE_KV_MIB
     else:
         t = cfg
         w = weights_mib(t, awq=bool(t.get("quantization_config")))
-        kind, runtime = "text", TEXT_RUNTIME_MIB
+        kind, runtime, pre_kv = "text", TEXT_OVERHEAD_MIB, TEXT_PRE_KV_MIB
     heads = t["num_attention_heads"]
     return ModelSpec(name=name, kind=kind, weights_mib=w, layers=t["num_hidden_layers"],
                      kv_heads=t.get("num_key_value_heads") or heads, head_dim=t["hidden_size"] // heads,
-                     runtime_mib=runtime)
+                     runtime_mib=runtime, pre_kv_mib=pre_kv)
 
 
 def spec_from_path(path: str | Path, name: str) -> ModelSpec:
@@ -157,9 +159,9 @@ LLAVA_1_5_7B_AWQ = spec_from_config(
 
 def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
     """Build one engine out of `free_mib`: weights and runtime first, then ratio x what is left for KV."""
-    after_weights = free_mib - spec.weights_mib - spec.runtime_mib
+    after_weights = free_mib - spec.weights_mib - max(spec.pre_kv_mib, spec.runtime_mib)
     fits = after_weights > 0
-    kv = max(0.0, ratio * after_weights)
+    kv = max(0.0, ratio * (free_mib - spec.weights_mib - spec.pre_kv_mib))
     tokens = int(kv * MIB // spec.kv_bytes_per_token)
     return EnginePlan(spec.name, spec.kind, free_mib, spec.weights_mib, spec.runtime_mib, kv, tokens, fits)
 

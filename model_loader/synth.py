@@ -67,8 +67,13 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials: list[str] = ()) -> int:
-    """A small byte-level BPE with the model's special tokens; returns its vocabulary size."""
+def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials: list[str] = (),
+                     pad_to: int = 0) -> int:
+    """A small byte-level BPE with the model's special tokens; returns its vocabulary size.
+
+    With `pad_to`, the vocabulary is filled with word tokens up to the model's size, so that every id a
+    random-weight model generates decodes to visible text (as with the real tokenizer).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -79,8 +84,17 @@ def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials:
     tok.train_from_iterator(_CORPUS * 50, trainer)
     if extra_specials:
         tok.add_special_tokens(list(extra_specials))
-    tok.save(str(out / "tokenizer.json"))
-    return tok.get_vocab_size()
+    data = json.loads(tok.to_str())
+    bpe_vocab = data["model"]["vocab"]
+    taken = set(bpe_vocab.values()) | {t["id"] for t in data["added_tokens"]}
+    next_id = 0
+    while pad_to and len(taken) < pad_to:
+        if next_id not in taken:
+            bpe_vocab[f"\u0120w{next_id}"] = next_id  # "Ġw123" decodes to " w123"; no merge produces it
+            taken.add(next_id)
+        next_id += 1
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    return len(taken)
 
 
 def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq", device: str | None = None) -> Path:
@@ -92,7 +106,8 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
     out.mkdir(parents=True, exist_ok=True)
     s = INTERNLM2_FULL if size == "full" else INTERNLM2_TINY
     dev = _device(device)
-    tok_vocab = _train_tokenizer(out, min(2000, s.vocab) if size == "full" else 600, INTERNLM2_SPECIALS)
+    tok_vocab = _train_tokenizer(out, min(2000, s.vocab) if size == "full" else 600, INTERNLM2_SPECIALS,
+                                 pad_to=s.vocab if size == "full" else 0)
     vocab = max(s.vocab, tok_vocab)
     cfg = dict(
         architectures=["InternLM2ForCausalLM"], model_type="internlm2",
@@ -167,7 +182,8 @@ def write_llava(out: str | os.PathLike, size: str = "full", device: str | None =
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     full = size == "full"
-    tok_vocab = _train_tokenizer(out, 800 if full else 400, ["<unk>", "<s>", "</s>"], ["<image>", "<pad>"])
+    tok_vocab = _train_tokenizer(out, 800 if full else 400, ["<unk>", "<s>", "</s>"], ["<image>", "<pad>"],
+                                 pad_to=32064 if full else 0)
     vocab = 32064 if full else max(512, tok_vocab)
     image_token = tok_vocab - 2
     if full:

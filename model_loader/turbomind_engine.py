@@ -155,13 +155,13 @@ class LmdeployEngine:
                                     "error", str(item))
                         return
                     n_in, n_out = item.input_token_len, item.generate_token_len
+                    if first is None and n_out > 0:
+                        first = time.perf_counter()  # time to first token, even if it decodes to no text yet
                     reason = item.finish_reason or reason
                     if item.finish_reason == "error":
                         error = item.response
                         continue
                     if item.response:
-                        if first is None:
-                            first = time.perf_counter()
                         yield Delta(item.response)
         finally:
             self._active.pop(session_id, None)

@@ -1,0 +1,245 @@
+"""The running app against the raw engine, in one run on a CUDA machine (issue 7, and issue 4's GPU check).
+
+Starts `python app.py` over the full-size synthetic checkpoints (APP_BENCH_IGNORE_EOS so every reply is
+max_new_tokens long, as the raw numbers are), drives it with gradio_client exactly as a browser would (streaming,
+one client per user), then measures the raw lmdeploy pipeline on the same GPU. Writes $OUT/app.json, a Markdown
+table ($OUT/bench.md) and a chart ($OUT/bench.png).
+
+    python -m bench.bench_app
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+
+from bench.common import OUT, TEXT, VISION, save
+from model_loader.gpu import gpu_memory
+
+PORT = 7860
+URL = f"http://127.0.0.1:{PORT}/"
+STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
+R: dict = {}
+
+
+def user_msg(text):
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def start_app():
+    env = {**os.environ, "APP_BENCH_IGNORE_EOS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "app.py", "--text-model", str(TEXT), "--vision-model", str(VISION), "--host", "127.0.0.1",
+           "--port", str(PORT), "--log-level", "WARNING"]
+    log = open(OUT / "app.log", "w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    from gradio_client import Client
+
+    client, ui_s = None, None
+    while time.perf_counter() - t0 < 240:
+        try:
+            client = client or Client(URL, verbose=False)
+            ui_s = ui_s or time.perf_counter() - t0
+            st = client.predict(api_name="/status")
+            if all(v["state"] in ("ready", "failed", "disabled") for v in st.values()):
+                R["startup"] = {"ui_up_s": round(ui_s, 1), "ready_s": round(time.perf_counter() - t0, 1),
+                                "status": st}
+                return proc
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.5)
+    raise RuntimeError("the app did not become ready in 240 s")
+
+
+def chat_once(client, text, max_new=256):
+    """One streamed reply through the UI's /chat route: client-side TTFT, tokens and tok/s from the stats line."""
+    t0 = time.perf_counter()
+    job = client.submit(user_msg(text), "", 0.0, 0.8, 40, max_new, 1.0, 0, api_name="/chat")
+    first = None
+    for update in job:
+        hist = update[0]
+        if first is None and hist and hist[-1].get("role") == "assistant":
+            content = hist[-1].get("content")
+            txt = content[0].get("text", "") if isinstance(content, list) and content else content
+            if txt and txt != "":
+                first = time.perf_counter()
+    out = job.outputs()[-1]
+    end = time.perf_counter()
+    m = STATS.search(out[1] or "")
+    tokens = int(m.group(1)) if m else 0
+    return {"client_ttft_ms": round(1000 * ((first or end) - t0), 1), "tokens": tokens,
+            "engine_ttft_ms": int(m.group(3)) if m else None, "total_s": end - t0,
+            "client_tok_s": round((tokens - 1) / (end - (first or t0)), 1) if tokens > 1 else 0}
+
+
+def concurrent(n):
+    from gradio_client import Client
+
+    clients = [Client(URL, verbose=False) for _ in range(n)]
+    res = [None] * n
+
+    def run(i):
+        res[i] = chat_once(clients[i], f"user {i}: tell me a story")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    return {"agg_tok_s": round(sum(r["tokens"] for r in res) / dt, 1), "tokens": sorted({r["tokens"] for r in res})}
+
+
+def image_question(client):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    p = OUT / "red.png"
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(p)
+    client.predict(handle_file(str(p)), [], api_name="/set_image")  # checks and converts the upload
+    hist = user_msg("What is in this image?")
+    t0 = time.perf_counter()
+    job = client.submit(handle_file(str(p)), hist, 0.0, 64, api_name="/image_chat")
+    first = None
+    for update in job:
+        h = update[0]
+        if first is None and h and h[-1].get("role") == "assistant" and h[-1].get("content"):
+            first = time.perf_counter()
+    out = job.outputs()[-1]
+    return {"client_ttft_ms": round(1000 * ((first or time.perf_counter()) - t0), 1),
+            "total_s": round(time.perf_counter() - t0, 2), "stats": out[1]}
+
+
+def stop_check(client):
+    """Start a long reply, press Stop, and see the engine idle again."""
+    job = client.submit(user_msg("a long story please"), "", 0.0, 0.8, 40, 4000, 1.0, 0, api_name="/chat")
+    time.sleep(1.0)
+    client.predict(api_name="/stop")
+    time.sleep(1.0)
+    return {"status_after_stop": client.predict(api_name="/status"), "job_done": job.done()}
+
+
+def raw_numbers():
+    from lmdeploy import GenerationConfig, TurbomindEngineConfig, pipeline
+
+    pipe = pipeline(str(TEXT), backend_config=TurbomindEngineConfig(model_format="awq", cache_max_entry_count=0.1,
+                                                                     session_len=8192, max_batch_size=32),
+                    log_level="ERROR")
+    gen = GenerationConfig(max_new_tokens=256, ignore_eos=True)
+    pipe(["warm up"], gen_config=gen)
+    out = {}
+    ttfts, rates = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for o in pipe.stream_infer(["Hi, please introduce yourself"], gen_config=gen):
+            if first is None and o.generate_token_len > 0:
+                first = time.perf_counter()
+            n = o.generate_token_len
+        end = time.perf_counter()
+        ttfts.append(1000 * (first - t0))
+        rates.append((n - 1) / (end - first))
+    out["b1_ttft_ms"] = round(min(ttfts), 1)
+    out["b1_tok_s"] = round(max(rates), 1)
+    for n in (8, 16, 32):
+        t0 = time.perf_counter()
+        res = pipe([f"user {i}: tell me a story" for i in range(n)], gen_config=gen)
+        out[f"b{n}_tok_s"] = round(sum(r.generate_token_len for r in res) / (time.perf_counter() - t0), 1)
+    pipe.close()
+    return out
+
+
+def write_report():
+    app, raw = R.get("app", {}), R.get("raw", {})
+    gpu = R.get("gpu", "GPU")
+    rows = [("batch-1 decode tokens/s", raw.get("b1_tok_s"), app.get("b1_tok_s"), "≥ 0.95"),
+            ("time to first token, ms", raw.get("b1_ttft_ms"), app.get("b1_client_ttft_ms"), "< raw + 50 ms")]
+    for n in (8, 16, 32):
+        rows.append((f"{n} users, aggregate tokens/s", raw.get(f"b{n}_tok_s"), app.get(f"n{n}", {}).get("agg_tok_s"),
+                     "≥ 0.8" if n == 16 else ""))
+    lines = [f"Measured {date.today()} on {gpu}, lmdeploy 0.11.1 TurboMind, synthetic full-size InternLM2-Chat-1.8B "
+             "AWQ (256 new tokens per reply); app = `python app.py` driven by gradio_client, streaming.", "",
+             "| measure | raw pipeline | through the app | app / raw | target |", "|---|---|---|---|---|"]
+    for name, r, a, target in rows:
+        ratio = f"{a / r:.2f}" if r and a and "ms" not in name else (f"+{a - r:.0f} ms" if r and a else "")
+        lines.append(f"| {name} | {r} | {a} | {ratio} | {target} |")
+    img = R.get("image", {})
+    lines.append(f"| image question (640x480, 64 tokens): first token / total | | "
+                 f"{img.get('client_ttft_ms')} ms / {img.get('total_s')} s | | |")
+    st = R.get("startup", {})
+    lines.append(f"| start-up, weights on disk: UI up / both engines ready | | {st.get('ui_up_s')} s / "
+                 f"{st.get('ready_s')} s | | |")
+    (OUT / "bench.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = ["1", "8", "16", "32"]
+        rawv = [raw.get("b1_tok_s", 0)] + [raw.get(f"b{n}_tok_s", 0) for n in (8, 16, 32)]
+        appv = [app.get("b1_tok_s", 0)] + [app.get(f"n{n}", {}).get("agg_tok_s", 0) for n in (8, 16, 32)]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        x = range(len(labels))
+        ax[0].bar([i - 0.2 for i in x], rawv, 0.4, label="raw pipeline")
+        ax[0].bar([i + 0.2 for i in x], appv, 0.4, label="through the app")
+        ax[0].set_xticks(list(x), labels)
+        ax[0].set_xlabel("concurrent users")
+        ax[0].set_ylabel("tokens/s")
+        ax[0].legend()
+        ax[0].set_title("Throughput")
+        ratios = R.get("engines_ratios") or []
+        if ratios:
+            rs = [r["ratio"] for r in ratios]
+            ax[1].plot(rs, [r["measured_delta_mib"] / 1024 for r in ratios], "o-", label="measured")
+            ax[1].plot(rs, [r["planned_delta_mib"] / 1024 for r in ratios], "x--", label="planner")
+            ax[1].set_xlabel("cache_max_entry_count")
+            ax[1].set_ylabel("GPU memory of the text engine, GiB")
+            ax[1].legend()
+            ax[1].set_title("KV ratio vs memory")
+        fig.suptitle(f"{gpu}, lmdeploy 0.11.1 TurboMind")
+        fig.tight_layout()
+        fig.savefig(OUT / "bench.png", dpi=90)
+    except Exception as e:  # noqa: BLE001
+        R["chart_error"] = repr(e)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    mem = gpu_memory()
+    R["gpu"] = mem.name if mem else "no GPU"
+    eng = OUT / "engines.json"
+    if eng.is_file():
+        R["engines_ratios"] = [r for r in json.loads(eng.read_text()).get("ratios", []) if r.get("prefix_caching")]
+    proc = start_app()
+    try:
+        from gradio_client import Client
+
+        c = Client(URL, verbose=False)
+        chat_once(c, "warm up")
+        b1 = [chat_once(c, "Hi, please introduce yourself") for _ in range(3)]
+        R["app"] = {"b1": b1, "b1_tok_s": max(x["client_tok_s"] for x in b1),
+                    "b1_client_ttft_ms": min(x["client_ttft_ms"] for x in b1)}
+        for n in (8, 16, 32):
+            R["app"][f"n{n}"] = concurrent(n)
+        save("app.json", R)
+        R["image"] = image_question(c)
+        R["stop"] = stop_check(c)
+        save("app.json", R)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    R["raw"] = raw_numbers()
+    write_report()
+    save("app.json", R)
+
+
+if __name__ == "__main__":
+    main()
