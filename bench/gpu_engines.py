@@ -24,7 +24,7 @@ from PIL import Image
 from bench.common import TEXT, VISION, ensure_checkpoints, save, used_mib
 from model_loader import planner
 from model_loader.config import AppConfig
-from model_loader.engine import Delta, GenSettings, Stats
+from model_loader.engine import Delta, GenSettings
 from model_loader.validation import text_model_problems, vision_model_problems
 
 R: dict = {}

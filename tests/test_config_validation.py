@@ -1,0 +1,100 @@
+"""Settings from env and flags; validation failures each named with file and remedy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_loader.config import AppConfig, from_args, from_env
+from model_loader.errors import ConfigError
+from model_loader.validation import text_model_problems, vision_model_problems
+
+
+def test_env_then_flags_override():
+    cfg, _ = from_args(["--kv-ratio", "0.3"], {"APP_KV_RATIO": "0.5", "GRADIO_SERVER_PORT": "7999",
+                                               "APP_ENABLE_VISION": "false"})
+    assert cfg.kv_ratio == 0.3 and cfg.port == 7999 and cfg.enable_vision is False
+
+
+def test_defaults_match_openxlab():
+    cfg = from_env({})
+    assert (cfg.kv_ratio, cfg.port, cfg.host) == (0.4, 7860, "0.0.0.0")
+
+
+@pytest.mark.parametrize("env", [{"APP_KV_RATIO": "1.5"}, {"APP_HUB": "nowhere"}, {"APP_ENABLE_TEXT": "maybe"},
+                                 {"APP_BACKEND": "api_server"}, {"APP_AUTH": "nopassword"}])
+def test_bad_settings_are_named_errors(env):
+    with pytest.raises(ConfigError):
+        from_env(env)
+
+
+def test_auth_is_redacted():
+    cfg = AppConfig(auth="me:secret")
+    assert cfg.auth_pairs() == [("me", "secret")] and "secret" not in json.dumps(cfg.redacted())
+
+
+def test_good_tiny_checkpoints_validate(tiny_models):
+    assert text_model_problems(tiny_models["awq"], require_awq=True) == []
+    assert text_model_problems(tiny_models["fp16"], require_awq=False) == []
+    assert vision_model_problems(tiny_models["llava"]) == []
+
+
+def _shard(path):
+    return sorted(path.glob("model-*.safetensors"))[0]
+
+
+def test_truncated_shard(tiny_models, copy_model):
+    m = copy_model(tiny_models["awq"])
+    f = _shard(m)
+    f.write_bytes(f.read_bytes()[:-100])
+    problems = text_model_problems(m, True)
+    assert any(f.name in p and "truncated" in p for p in problems)
+
+
+def test_missing_shard(tiny_models, copy_model):
+    m = copy_model(tiny_models["llava"])
+    _shard(m).unlink()
+    assert any("missing" in p and "resume" in p for p in vision_model_problems(m))
+
+
+def test_missing_tokenizer(tiny_models, copy_model):
+    m = copy_model(tiny_models["awq"])
+    (m / "tokenizer.json").unlink()
+    assert any("no tokenizer" in p for p in text_model_problems(m, True))
+
+
+def test_wrong_architecture(tiny_models, copy_model):
+    m = copy_model(tiny_models["awq"])
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert any("not InternLM2ForCausalLM" in p for p in text_model_problems(m, True))
+
+
+@pytest.mark.parametrize("q,expect", [(None, "no quantization_config"), ({"quant_method": "gptq", "bits": 4},
+                                      "quant_method"), ({"quant_method": "awq", "bits": 8}, "bits"),
+                                      ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version")])
+def test_quantization_config(tiny_models, copy_model, q, expect):
+    m = copy_model(tiny_models["awq"])
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.pop("quantization_config")
+    if q:
+        cfg["quantization_config"] = q
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert any(expect in p for p in text_model_problems(m, True))
+
+
+def test_liuhaotian_layout_is_explained(tiny_models, copy_model):
+    m = copy_model(tiny_models["llava"])
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["LlavaLlamaForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    (p,) = vision_model_problems(m)
+    assert "liuhaotian" in p and "llava-hf/llava-1.5-7b-hf" in p
+
+
+def test_missing_processor_config(tiny_models, copy_model):
+    m = copy_model(tiny_models["llava"])
+    (m / "preprocessor_config.json").unlink()
+    assert any("preprocessor_config.json" in p for p in vision_model_problems(m))
