@@ -78,7 +78,9 @@ def run_check(cfg, env: Mapping[str, str]) -> int:
                 print(f"       - {p}")
             if e.hint:
                 print(f"       what to do: {e.hint}")
-    plan = make_plan(cfg, cfg.gpu_mem_gib or 24.0 if not _has_gpu() else cfg.gpu_mem_gib)
+    # without a GPU (and no --gpu-mem), plan for the 24 GB card this app is made for
+    gpu_gib = cfg.gpu_mem_gib or (0.0 if _has_gpu() else 24.0)
+    plan = make_plan(cfg, gpu_gib)
     if plan is not None:
         print(planner.format_plan(plan))
         ok = ok and plan.fits

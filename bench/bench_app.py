@@ -66,7 +66,7 @@ def chat_once(client, text, max_new=256):
         if first is None and hist and hist[-1].get("role") == "assistant":
             content = hist[-1].get("content")
             txt = content[0].get("text", "") if isinstance(content, list) and content else content
-            if txt and txt != "":
+            if txt:
                 first = time.perf_counter()
     out = job.outputs()[-1]
     end = time.perf_counter()

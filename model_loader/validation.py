@@ -100,7 +100,7 @@ def shard_problems(path: Path) -> list[str]:
             continue
         header, err = safetensors_header(f)
         if err:
-            problems.append(f"{path / err}; delete it and run again to fetch it anew")
+            problems.append(f"{path}/{err}; delete it and run again to fetch it anew")
             continue
         end = max((t["data_offsets"][1] for k, t in header.items() if isinstance(t, dict) and "data_offsets" in t), default=0)
         n = f.stat().st_size

@@ -71,7 +71,7 @@ def build_system_tab(startup: Startup, i18n, demo_ref: list) -> gr.Blocks:
         engines = gr.Markdown(elem_id="system-engines")
         plan = gr.Markdown(elem_id="system-plan")
         chart = gr.BarPlot(x="engine", y="MiB", color="what", label=i18n("memory"), elem_id="system-chart")
-        config = gr.JSON(startup.cfg.redacted(), label="Configuration")
+        gr.JSON(startup.cfg.redacted(), label="Configuration")
         timer = gr.Timer(2.0)
 
         def refresh():
@@ -81,5 +81,4 @@ def build_system_tab(startup: Startup, i18n, demo_ref: list) -> gr.Blocks:
         timer.tick(refresh, None, [engines, plan, chart], api_name=False, queue=False, show_progress="hidden")
         tab.load_fn = refresh
         tab.outputs = [engines, plan, chart]
-        del config
     return tab
