@@ -46,13 +46,13 @@ def make_plan(cfg, gpu_mem_gib: float):
 
     if gpu_mem_gib > 0:
         total = free = gpu_mem_gib * 1024
+        used = 0.0
     else:
         mem = gpu_memory()
         if mem is None:
             return None
-        total, free = mem.total_mib, mem.free_mib
-    return planner.best_plan(planned_specs(cfg), total, free, cfg.kv_ratio, cfg.load_order)
-
+        total, free, used = mem.total_mib, mem.free_mib, mem.used_mib
+    return planner.best_plan(planned_specs(cfg), total, free, cfg.kv_ratio, cfg.load_order, used_mib=used)
 
 def run_check(cfg, env: Mapping[str, str]) -> int:
     """--check: resolve and validate both models, print the memory plan; 0 when all is well, else 1."""

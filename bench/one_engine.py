@@ -30,14 +30,14 @@ def main() -> None:
     pc = (sys.argv[2] if len(sys.argv) > 2 else "pc") == "pc"
     mem0 = gpu_memory()
     spec = planner.spec_from_path(TEXT, "text")
-    plan = planner.plan_order([spec], mem0.total_mib, mem0.free_mib, ratio)
+    plan = planner.plan_order([spec], mem0.total_mib, mem0.free_mib, ratio, used_mib=mem0.used_mib)
     from model_loader.turbomind_engine import LmdeployEngine
 
     cfg = AppConfig(kv_ratio=ratio, prefix_caching=pc, enable_vision=False)
     t0 = time.perf_counter()
     eng = LmdeployEngine.build("text", TEXT, cfg, awq=True)
     r = {"ratio": ratio, "prefix_caching": pc, "load_s": round(time.perf_counter() - t0, 1),
-         "used_before_mib": mem0.used_mib, "used_after_mib": used_mib(),
+         "used_before_mib": mem0.used_mib, "free_before_mib": mem0.free_mib, "used_after_mib": used_mib(),
          "planned_after_mib": round(plan.used_after(0)), "planned_kv_tokens": plan.engines[0].kv_tokens,
          "weights_mib_planned": round(spec.weights_mib)}
     r["measured_delta_mib"] = r["used_after_mib"] - r["used_before_mib"]

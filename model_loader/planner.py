@@ -75,11 +75,12 @@ class Plan:
     spare_mib: float
     fits: bool
     advice: tuple[str, ...] = field(default_factory=tuple)
+    used_at_start_mib: float | None = None  # nvidia-smi's "used"; total - free also counts the driver's reserve
 
     def used_after(self, i: int) -> float:
         """Predicted GPU memory in use after engine i is built (as nvidia-smi shows it)."""
-        return self.gpu_total_mib - self.free_at_start_mib + CUDA_CONTEXT_MIB + sum(
-            e.total_mib for e in self.engines[: i + 1])
+        start = self.gpu_total_mib - self.free_at_start_mib if self.used_at_start_mib is None else self.used_at_start_mib
+        return start + CUDA_CONTEXT_MIB + sum(e.total_mib for e in self.engines[: i + 1])
 
 
 def linear_params(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int) -> int:
@@ -167,7 +168,7 @@ def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
 
 
 def plan_order(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
-               min_kv_tokens: dict[str, int] | None = None) -> Plan:
+               min_kv_tokens: dict[str, int] | None = None, used_mib: float | None = None) -> Plan:
     """Plan engines built in the given order on a card with `free_mib` free."""
     min_kv_tokens = min_kv_tokens or {}
     free = free_mib - CUDA_CONTEXT_MIB
@@ -181,11 +182,13 @@ def plan_order(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ra
         engines.append(e)
         ok = ok and e.fits
         free -= e.total_mib
-    return Plan(gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok)
+    return Plan(gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok,
+                used_at_start_mib=used_mib)
 
 
 def best_plan(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
-              load_order: str = "auto", min_kv_tokens: dict[str, int] | None = None) -> Plan:
+              load_order: str = "auto", min_kv_tokens: dict[str, int] | None = None,
+              used_mib: float | None = None) -> Plan:
     """Pick the load order (the biggest model first unless told), and say what to change when nothing fits."""
     by_kind = {s.kind: s for s in specs}
     if load_order == "text-first":
@@ -195,13 +198,13 @@ def best_plan(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, rat
     else:
         # the larger model first: its weights need the room that the other's KV cache would take
         orders = [sorted(specs, key=lambda s: -s.weights_mib), sorted(specs, key=lambda s: s.weights_mib)]
-    plans = [plan_order(o, gpu_total_mib, free_mib, ratio, min_kv_tokens) for o in orders]
+    plans = [plan_order(o, gpu_total_mib, free_mib, ratio, min_kv_tokens, used_mib) for o in orders]
     good = [p for p in plans if p.fits]
     if good:
         return good[0]
     p = plans[0]
     return Plan(p.gpu_total_mib, p.free_at_start_mib, p.ratio, p.order, p.engines, p.spare_mib, False,
-                tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)))
+                tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)), used_mib)
 
 
 def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:

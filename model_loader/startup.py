@@ -113,7 +113,8 @@ class Startup:
         specs = [planner.spec_from_path(r.path, r.path.name) for r in resolved.values()]
         mem = gpu_memory()
         if mem and specs:
-            self.plan = planner.best_plan(specs, mem.total_mib, mem.free_mib, self.cfg.kv_ratio, self.cfg.load_order)
+            self.plan = planner.best_plan(specs, mem.total_mib, mem.free_mib, self.cfg.kv_ratio, self.cfg.load_order,
+                                            used_mib=mem.used_mib)
             log.info("memory plan:\n%s", planner.format_plan(self.plan))
             if not self.plan.fits:
                 err = DoesNotFit("The models do not fit on this GPU at this KV ratio.",

@@ -1,0 +1,100 @@
+"""A browser-like client for the app's streaming routes: Gradio's queue protocol over one SSE stream, asyncio.
+
+gradio_client polls its message queue every 50 ms and parses in one thread per job, which adds ~140 ms to the first
+token and caps many concurrent users in the measuring process. A browser's EventSource does neither; this client
+behaves like it, so the bench measures the app rather than the measuring library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+
+import httpx
+from gradio_client.utils import apply_diff
+
+STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
+
+
+def fn_index(config: dict, api_name: str) -> int:
+    """The dependency id of a named route in the app's /config."""
+    for d in config["dependencies"]:
+        if d.get("api_name") == api_name:
+            return d["id"]
+    raise KeyError(api_name)
+
+
+def assistant_text(history: list) -> str:
+    """The text of the last assistant message in a Chatbot value."""
+    if not history or history[-1].get("role") != "assistant":
+        return ""
+    c = history[-1].get("content")
+    if isinstance(c, list):
+        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return c or ""
+
+
+async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list) -> dict:
+    """Run one streaming event; returns client-side first-text time, updates, final outputs and timings."""
+    session = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    r = await http.post(url + "gradio_api/queue/join",
+                        json={"data": data, "fn_index": index, "session_hash": session, "event_data": None,
+                              "trigger_id": None})
+    r.raise_for_status()
+    outputs, first, updates, error = None, None, 0, None
+    async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
+        async for line in s.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            kind = msg.get("msg")
+            if kind == "process_generating":
+                updates += 1
+                out = msg["output"]["data"]
+                outputs = out if outputs is None else [apply_diff(o, d) for o, d in zip(outputs, out)]
+                if first is None and assistant_text(outputs[0]):
+                    first = time.perf_counter()
+            elif kind == "process_completed":
+                if msg.get("output", {}).get("data") is not None and msg.get("success", True):
+                    outputs = msg["output"]["data"]
+                else:
+                    error = msg.get("output", {}).get("error") or "failed"
+                break
+    end = time.perf_counter()
+    return {"t0": t0, "first": first, "end": end, "updates": updates, "outputs": outputs, "error": error}
+
+
+def chat_result(call: dict) -> dict:
+    """Client-side TTFT and decode rate, plus the tokens the app's stats line reports."""
+    stats_line = (call["outputs"] or [None, ""])[1] or ""
+    m = STATS.search(stats_line)
+    tokens = int(m.group(1)) if m else 0
+    first = call["first"] or call["end"]
+    return {"client_ttft_ms": round(1000 * (first - call["t0"]), 1), "tokens": tokens,
+            "server_tok_s": float(m.group(2)) if m else 0.0, "engine_ttft_ms": int(m.group(3)) if m else None,
+            "client_tok_s": round((tokens - 1) / (call["end"] - first), 1) if tokens > 1 and call["end"] > first
+            else 0.0, "updates": call["updates"], "total_s": round(call["end"] - call["t0"], 3),
+            "error": call["error"]}
+
+
+def user_history(text: str) -> list:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+async def chat_users(url: str, n: int, max_new: int = 256, prompt: str = "tell me a story") -> dict:
+    """n users at once on /chat; aggregate tokens/s over the wall time, and each user's figures."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * n + 8)) as http:
+        config = (await http.get(url + "config")).json()
+        idx = fn_index(config, "chat")
+        t0 = time.perf_counter()
+        calls = await asyncio.gather(*[
+            stream_call(http, url, idx, [user_history(f"user {i}: {prompt}"), "", 0.0, 0.8, 40, max_new, 1.0, 0])
+            for i in range(n)])
+        wall = time.perf_counter() - t0
+    res = [chat_result(c) for c in calls]
+    return {"agg_tok_s": round(sum(r["tokens"] for r in res) / wall, 1), "users": res,
+            "errors": [r["error"] for r in res if r["error"]]}
