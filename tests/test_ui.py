@@ -167,3 +167,10 @@ def test_failed_engine_explains_itself():
     with pytest.raises(Exception, match="failed to start"):
         engine_or_error(st.slots["vision"])
     assert engine_or_error(st.slots["text"]) is st.slots["text"].engine
+
+
+def test_update_interval_grows_with_load():
+    from ui.common import ui_interval
+
+    assert ui_interval(1) == ui_interval(8) == 0.05
+    assert ui_interval(16) == 0.1 and ui_interval(32) == 0.2 and ui_interval(500) == 0.25

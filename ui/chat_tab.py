@@ -38,7 +38,8 @@ async def stream_reply(slot: Slot, history: list[dict], system_prompt: str, temp
     messages = H.to_engine_messages(history, system_prompt or "")
     messages, notice = C.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
     sid = C.session_id(request, "text")
-    async for update in C.stream_into(history, engine.stream(sid, messages, settings), notice):
+    async for update in C.stream_into(history, engine.stream(sid, messages, settings), notice,
+                                      engine.active_sessions):
         yield update
 
 

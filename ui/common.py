@@ -6,7 +6,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import gradio as gr
@@ -18,9 +18,16 @@ from ui import history as H
 
 log = logging.getLogger(__name__)
 
-# One UI update per this many seconds while streaming (the first token is sent at once). Per-token updates cost
-# up to two thirds of the engine's speed at the browser (bench/README.md); 20 updates a second read as smooth.
+# One UI update per this many seconds while streaming (the first token is sent at once). Gradio's per-update work
+# shares the interpreter with lmdeploy's per-token Python loop, so with many users each stream is updated less
+# often (bench/results: 16 users on an H100). 20 updates a second read as smooth; 5 still read as streaming.
 UI_INTERVAL_S = 0.05
+BUSY_STREAMS_PER_STEP = 8
+
+
+def ui_interval(active_streams: int) -> float:
+    """Seconds between UI updates of one stream: 50 ms up to 8 streams, then growing with the load (max 0.25 s)."""
+    return min(0.25, UI_INTERVAL_S * max(1.0, active_streams / BUSY_STREAMS_PER_STEP))
 
 
 def session_id(request: gr.Request | None, tab: str) -> int:
@@ -59,10 +66,10 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
     )
 
 
-async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats],
-                      notice: str = "") -> AsyncIterator[tuple[list[dict], str]]:
+async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats], notice: str = "",
+                      active: Callable[[], int] = lambda: 1) -> AsyncIterator[tuple[list[dict], str]]:
     """Append an assistant message and fill it from the stream, yielding (history, stats line) at most every
-    UI_INTERVAL_S; the first text and the end are always sent."""
+    ui_interval(active()) seconds; the first text and the end are always sent."""
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
     last = 0.0
@@ -71,7 +78,7 @@ async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats],
         if isinstance(item, Delta):
             text += item.text
             now = time.perf_counter()
-            if now - last >= UI_INTERVAL_S:
+            if now - last >= ui_interval(active()):
                 last = now
                 history[-1] = {"role": "assistant", "content": text}
                 yield history, notice or "…"

@@ -57,7 +57,8 @@ async def stream_image_reply(slot: Slot, max_pixels: int, image: str | None, his
     if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
         messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
     sid = C.session_id(request, "vision")
-    async for update in C.stream_into(history, engine.stream(sid, messages, settings), notice):
+    async for update in C.stream_into(history, engine.stream(sid, messages, settings), notice,
+                                      engine.active_sessions):
         yield update
 
 
