@@ -229,6 +229,8 @@ def main() -> None:
             r["median_client_ttft_ms"] = statistics.median(u["client_ttft_ms"] for u in users)
             r["median_server_tok_s"] = statistics.median(u["server_tok_s"] for u in users)
             r["tokens"] = sorted({u["tokens"] for u in users})
+            r["client_ttft_ms"] = sorted(u["client_ttft_ms"] for u in users)
+            r["engine_ttft_ms"] = sorted(u["engine_ttft_ms"] or 0 for u in users)
             R["app"][f"n{n}"] = r
         save("app.json", R)
         R["image"] = image_question(c)

@@ -174,3 +174,13 @@ def test_update_interval_grows_with_load():
 
     assert ui_interval(1) == ui_interval(8) == 0.05
     assert ui_interval(16) == 0.1 and ui_interval(32) == 0.2 and ui_interval(500) == 0.25
+
+
+def test_token_upper_bound_is_an_upper_bound(tiny_models):
+    from lmdeploy.tokenizer import Tokenizer
+
+    tok = Tokenizer(str(tiny_models["awq"]))
+    for text in ("hello world", "上海是中国的一座城市。你好", "def f(x):\n    return x * 2  # ✓", "w" * 500):
+        msgs = [{"role": "system", "content": "be nice"}, {"role": "user", "content": text}]
+        prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        assert len(tok.encode(prompt)) <= H.token_upper_bound(msgs)

@@ -101,6 +101,8 @@ async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats],
 def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
     """Drop the oldest turns that no longer fit the session; say so instead of failing silently."""
     budget = max(64, session_len - max_new)
+    if H.token_upper_bound(messages) <= budget:
+        return messages, ""  # fits for sure: no tokenizer work on the event loop
     kept, dropped = H.trim_to_fit(messages, engine.count_tokens, budget)
     if len(kept) == 1 and kept[0]["role"] == "user" and engine.count_tokens(kept) > budget:
         raise gr.Error(f"This message is too long for the model's {session_len}-token window. "

@@ -85,6 +85,23 @@ def to_vision_messages(history: list[dict], image) -> list[dict]:
     return msgs
 
 
+# Tokens a chat template adds around one message (role markers, newlines), generously.
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+IMAGE_TOKENS = 576
+
+
+def token_upper_bound(messages: list[dict]) -> int:
+    """At most this many tokens: byte-level BPE and byte-fallback tokenizers spend at least one byte per token."""
+    n = 8
+    for m in messages:
+        c = m["content"]
+        parts = c if isinstance(c, list) else [{"type": "text", "text": c}]
+        for p in parts:
+            n += IMAGE_TOKENS if p.get("type") == "image" else len(p.get("text", "").encode("utf-8"))
+        n += TEMPLATE_TOKENS_PER_MESSAGE
+    return n
+
+
 def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
     """Drop the oldest user/assistant turns (never the system prompt nor the last question) until `count` fits.
 
