@@ -21,7 +21,7 @@ import time
 from datetime import date
 
 from bench.common import OUT, TEXT, VISION, save
-from bench.sse_client import assistant_text, chat_users
+from bench.sse_client import assistant_text, chat_users, conversations, disconnect_midstream, image_users
 from model_loader.gpu import gpu_memory
 
 PORT = 7860
@@ -164,7 +164,7 @@ def write_report():
         ratio = f"{a / r:.2f}" if r and a and "ms" not in name else (f"+{a - r:.0f} ms" if r and a else "")
         lines.append(f"| {name} | {r} | {a} | {ratio} | {target} |")
     img = R.get("image", {})
-    lines.append(f"| image question (640x480, 64 tokens): first token / total | | "
+    lines.append(f"| image question (640x480, 64 tokens, warm): first text at the client / total | | "
                  f"{img.get('client_ttft_ms')} ms / {img.get('total_s')} s | | |")
     st = R.get("startup", {})
     lines.append(f"| start-up, weights on disk: UI up / both engines ready | | {st.get('ui_up_s')} s / "
@@ -233,8 +233,19 @@ def main() -> None:
             r["engine_ttft_ms"] = sorted(u["engine_ttft_ms"] or 0 for u in users)
             R["app"][f"n{n}"] = r
         save("app.json", R)
-        R["image"] = image_question(c)
+        R["image_gradio_client"] = image_question(c)
+        img = str(OUT / "red.png")
+        runs = [asyncio.run(image_users(URL, 1, img)) for _ in range(3)]
+        warm = runs[-1]["users"][0]
+        R["image"] = {"cold": runs[0]["users"][0], "client_ttft_ms": warm["client_ttft_ms"],
+                      "total_s": warm["total_s"], "engine_ttft_ms": warm["engine_ttft_ms"]}
+        four = asyncio.run(image_users(URL, 4, img))
+        R["image"]["four_users_wall_s"], R["image"]["four_users_errors"] = four["wall_s"], four["errors"]
         R["stop"] = stop_check(c)
+        R["conversations_64x5"] = asyncio.run(conversations(URL, 64, 5))
+        asyncio.run(disconnect_midstream(URL, 16))
+        time.sleep(1.5)
+        R["after_16_disconnects"] = c.predict(api_name="/status")
         save("app.json", R)
     finally:
         proc.terminate()

@@ -98,3 +98,76 @@ async def chat_users(url: str, n: int, max_new: int = 256, prompt: str = "tell m
     res = [chat_result(c) for c in calls]
     return {"agg_tok_s": round(sum(r["tokens"] for r in res) / wall, 1), "users": res,
             "errors": [r["error"] for r in res if r["error"]]}
+
+
+async def upload(http: httpx.AsyncClient, url: str, path: str) -> dict:
+    """Upload a file as the browser does; returns the FileData an Image input takes."""
+    with open(path, "rb") as f:
+        r = await http.post(url + "gradio_api/upload", files={"files": (path.rsplit("/", 1)[-1], f)})
+    r.raise_for_status()
+    server_path = r.json()[0]
+    return {"path": server_path, "orig_name": path.rsplit("/", 1)[-1], "meta": {"_type": "gradio.FileData"}}
+
+
+async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> dict:
+    """n users asking about one uploaded image at once on /image_chat."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * n + 8)) as http:
+        config = (await http.get(url + "config")).json()
+        idx = fn_index(config, "image_chat")
+        files = [await upload(http, url, image_path) for _ in range(n)]
+        t0 = time.perf_counter()
+        calls = await asyncio.gather(*[
+            stream_call(http, url, idx, [files[i], user_history("What is in this image?"), 0.0, max_new])
+            for i in range(n)])
+        wall = time.perf_counter() - t0
+    res = [chat_result(c) for c in calls]
+    return {"wall_s": round(wall, 2), "users": res, "errors": [r["error"] for r in res if r["error"]]}
+
+
+async def conversations(url: str, users: int, turns: int, max_new: int = 32) -> dict:
+    """Many users holding multi-turn conversations at once; every turn must complete with a reply."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * users + 8)) as http:
+        config = (await http.get(url + "config")).json()
+        idx = fn_index(config, "chat")
+
+        async def one(i: int) -> list[str]:
+            history, problems = [], []
+            for t in range(turns):
+                history = history + user_history(f"I am user {i}, turn {t}.")
+                call = await stream_call(http, url, idx, [history, "", 0.7, 0.8, 40, max_new, 1.0, 0])
+                out = call["outputs"]
+                if call["error"] or not out:
+                    problems.append(f"user {i} turn {t}: {call['error']}")
+                    continue
+                history = out[0]
+                if len(history) != 2 * (t + 1) or history[-1]["role"] != "assistant":
+                    problems.append(f"user {i} turn {t}: history of {len(history)} messages")
+                elif not assistant_text(history):
+                    problems.append(f"user {i} turn {t}: empty reply")
+            return problems
+
+        t0 = time.perf_counter()
+        problems = await asyncio.gather(*[one(i) for i in range(users)])
+    flat = [p for ps in problems for p in ps]
+    return {"users": users, "turns": turns, "problems": len(flat), "first_problems": flat[:5],
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+async def disconnect_midstream(url: str, n: int, max_new: int = 2000) -> None:
+    """n users start long replies and close their connection at the first text, like closed browser tabs."""
+    async with httpx.AsyncClient(timeout=300) as http:
+        config = (await http.get(url + "config")).json()
+        idx = fn_index(config, "chat")
+
+        async def one(i: int) -> None:
+            session = uuid.uuid4().hex[:12]
+            data = [user_history(f"user {i}: a long story"), "", 0.0, 0.8, 40, max_new, 1.0, 0]
+            await http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": idx,
+                                                                  "session_hash": session, "event_data": None,
+                                                                  "trigger_id": None})
+            async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_generating":
+                        return  # leaving the block closes the connection mid-stream
+
+        await asyncio.gather(*[one(i) for i in range(n)])
