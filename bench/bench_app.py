@@ -171,35 +171,9 @@ def write_report():
                  f"{st.get('ready_s')} s | | |")
     (OUT / "bench.md").write_text("\n".join(lines) + "\n")
     try:
-        import matplotlib
+        from bench.chart import draw
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        labels = ["1", "8", "16", "32"]
-        rawv = [raw.get("b1_tok_s", 0)] + [raw.get(f"b{n}_tok_s", 0) for n in (8, 16, 32)]
-        appv = [app.get("b1_tok_s", 0)] + [app.get(f"n{n}", {}).get("agg_tok_s", 0) for n in (8, 16, 32)]
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        x = range(len(labels))
-        ax[0].bar([i - 0.2 for i in x], rawv, 0.4, label="raw pipeline")
-        ax[0].bar([i + 0.2 for i in x], appv, 0.4, label="through the app")
-        ax[0].set_xticks(list(x), labels)
-        ax[0].set_xlabel("concurrent users")
-        ax[0].set_ylabel("tokens/s")
-        ax[0].legend()
-        ax[0].set_title("Throughput")
-        ratios = R.get("engines_ratios") or []
-        if ratios:
-            rs = [r["ratio"] for r in ratios]
-            ax[1].plot(rs, [r["measured_delta_mib"] / 1024 for r in ratios], "o-", label="measured")
-            ax[1].plot(rs, [r["planned_delta_mib"] / 1024 for r in ratios], "x--", label="planner")
-            ax[1].set_xlabel("cache_max_entry_count")
-            ax[1].set_ylabel("GPU memory of the text engine, GiB")
-            ax[1].legend()
-            ax[1].set_title("KV ratio vs memory")
-        fig.suptitle(f"{gpu}, lmdeploy 0.11.1 TurboMind")
-        fig.tight_layout()
-        fig.savefig(OUT / "bench.png", dpi=90)
+        draw(app, raw, R.get("engines_ratios") or [], gpu, OUT / "bench.png")
     except Exception as e:  # noqa: BLE001
         R["chart_error"] = repr(e)
 
