@@ -43,10 +43,11 @@ async def stream_reply(slot: Slot, history: list[dict], system_prompt: str, temp
         yield update
 
 
-async def stop_reply(slot: Slot, request: gr.Request) -> None:
-    """Stop this browser's running reply now (the event itself is cancelled too)."""
+async def stop_reply(slot: Slot, request: gr.Request) -> str:
+    """Stop this browser's running reply now (the event itself is cancelled too); the stats line says so."""
     if slot.ready:
         await slot.engine.stop(C.session_id(request, "text"))
+    return C.STOPPED
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
@@ -114,8 +115,8 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
                                              repetition_penalty, seed, request):
                 yield update
 
-        async def stop_this(request: gr.Request):
-            await stop_reply(slot, request)
+        async def stop_this(request: gr.Request) -> str:
+            return await stop_reply(slot, request)
 
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
         limit = dict(concurrency_limit=concurrency, concurrency_id="text")
@@ -135,7 +136,7 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
         ev_retry = chain(chatbot.retry(drop_last_reply, chatbot, chatbot, api_name=False, queue=False), False)
         ev_edit = chain(chatbot.edit(edit_message, chatbot, chatbot, api_name=False, queue=False), False)
         running = [ev_submit, ev_send, ev_regen, ev_retry, ev_edit]
-        stop.click(stop_this, None, None, cancels=running, api_name="stop", queue=False)
+        stop.click(stop_this, None, stats, cancels=running, api_name="stop", queue=False)
         undo.click(undo_last_turn, chatbot, [chatbot, msg], api_name="undo", queue=False).then(
             lambda h: h, chatbot, saved, api_name=False, queue=False)
         chatbot.undo(undo_last_turn, chatbot, [chatbot, msg], api_name=False, queue=False)

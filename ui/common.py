@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # often (bench/results: 16 users on an H100). 20 updates a second read as smooth; 5 still read as streaming.
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
+STOPPED = "⏹ Stopped: the reply above is as far as it got."
 
 
 def ui_interval(active_streams: int) -> float:

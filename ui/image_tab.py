@@ -62,10 +62,11 @@ async def stream_image_reply(slot: Slot, max_pixels: int, image: str | None, his
         yield update
 
 
-async def stop_image_reply(slot: Slot, request: gr.Request) -> None:
-    """Stop this browser's running image reply."""
+async def stop_image_reply(slot: Slot, request: gr.Request) -> str:
+    """Stop this browser's running image reply; the stats line says so."""
     if slot.ready:
         await slot.engine.stop(C.session_id(request, "vision"))
+    return C.STOPPED
 
 
 def build_image_tab(slot: Slot, i18n, concurrency: int, max_pixels: int) -> gr.Blocks:
@@ -96,8 +97,8 @@ def build_image_tab(slot: Slot, i18n, concurrency: int, max_pixels: int) -> gr.B
                                                    request):
                 yield update
 
-        async def stop_this(request: gr.Request):
-            await stop_image_reply(slot, request)
+        async def stop_this(request: gr.Request) -> str:
+            return await stop_image_reply(slot, request)
 
         def on_upload(path, history):
             return prepare_image(path, history, max_pixels)
@@ -115,7 +116,7 @@ def build_image_tab(slot: Slot, i18n, concurrency: int, max_pixels: int) -> gr.B
                     api_name="image_chat" if i == 0 else False, **limit)
             for i, ev in enumerate(asked)
         ]
-        stop.click(stop_this, None, None, cancels=running, api_name="stop_image",
+        stop.click(stop_this, None, stats, cancels=running, api_name="stop_image",
                    queue=False)
         clear.click(lambda: ([], None, ""), None, [chatbot, image, stats], api_name="clear_image", queue=False)
     tab.status, tab.ask = status, ask
