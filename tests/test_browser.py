@@ -88,3 +88,26 @@ def test_upload_image_and_ask(page, tmp_path):
     pg.fill("#image-question textarea", "What is in this image?")
     pg.click("#image-ask")
     pg.wait_for_function("document.querySelector('#image-chatbot').innerText.includes('I see an image of 320x200')")
+
+
+def test_reload_keeps_the_conversation(page):
+    pg, _ = page
+    send(pg, "remember this line")
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('You said: remember this line')")
+    pg.wait_for_timeout(500)  # the conversation is saved to the browser after the reply
+    pg.reload()
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('You said: remember this line')")
+
+
+def test_chinese_browser_gets_chinese_labels(launched):
+    from playwright.sync_api import sync_playwright
+
+    url, _, _ = launched
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        pg = browser.new_page(locale="zh-CN")
+        pg.goto(url)
+        pg.wait_for_selector("#chat-send")
+        pg.wait_for_function("document.querySelector('#chat-send').innerText.includes('发送')")
+        assert pg.get_by_role("tab", name="图片对话").count() == 1
+        browser.close()
