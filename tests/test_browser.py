@@ -52,9 +52,9 @@ def test_send_stream_stop(page):
     text.delay_s = 0.05
     text.enqueue(" ".join(f"word{i}" for i in range(300)))
     send(pg, "Tell me a long story")
-    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('word5')")
+    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('word5')")
     first = bot_text(pg)
-    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('word15')")
+    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('word15')")
     assert len(bot_text(pg)) > len(first), "the reply did not stream"
     pg.click("#chat-stop")
     pg.wait_for_timeout(800)
@@ -72,7 +72,7 @@ def test_html_in_a_message_is_text(page):
     pg, _ = page
     evil = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>hello"
     send(pg, evil)
-    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('You said')")
+    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said')")
     pg.wait_for_timeout(300)
     assert pg.evaluate("window.__pwned") is None
     assert pg.locator("#chatbot script").count() == 0
@@ -87,16 +87,17 @@ def test_upload_image_and_ask(page, tmp_path):
     pg.wait_for_selector("#image-chatbot img")
     pg.fill("#image-question textarea", "What is in this image?")
     pg.click("#image-ask")
-    pg.wait_for_function("document.querySelector('#image-chatbot').innerText.includes('I see an image of 320x200')")
+    pg.wait_for_function("document.querySelector('#image-chatbot')?.innerText?.includes('I see an image of 320x200')")
 
 
 def test_reload_keeps_the_conversation(page):
     pg, _ = page
     send(pg, "remember this line")
-    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('You said: remember this line')")
+    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said: remember this line')")
     pg.wait_for_timeout(500)  # the conversation is saved to the browser after the reply
     pg.reload()
-    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('You said: remember this line')")
+    pg.wait_for_selector("#chatbot")
+    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said: remember this line')")
 
 
 def test_chinese_browser_gets_chinese_labels(launched):
@@ -108,6 +109,6 @@ def test_chinese_browser_gets_chinese_labels(launched):
         pg = browser.new_page(locale="zh-CN")
         pg.goto(url)
         pg.wait_for_selector("#chat-send")
-        pg.wait_for_function("document.querySelector('#chat-send').innerText.includes('发送')")
+        pg.wait_for_function("document.querySelector('#chat-send')?.innerText?.includes('发送')")
         assert pg.get_by_role("tab", name="图片对话").count() == 1
         browser.close()
