@@ -15,21 +15,24 @@ log = logging.getLogger("app")
 
 def configure_logging(level: str) -> None:
     """One logging setup for the whole process."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def planned_specs(cfg) -> list:
     """Model shapes for the plan: read from local directories when given, else the default models' shapes."""
-    from model_loader import planner, sources  # noqa: PLC0415
+    from model_loader.memory import planner
+    from model_loader.weights import sources  # noqa: PLC0415
 
     specs = []
     if cfg.enable_vision:
         local = sources.is_local(cfg.vision_model) and os.path.isfile(os.path.join(cfg.vision_model, "config.json"))
-        specs.append(planner.spec_from_path(cfg.vision_model, os.path.basename(cfg.vision_model)) if local
-                     else planner.LLAVA_1_5_7B)
+        specs.append(
+            planner.spec_from_path(cfg.vision_model, os.path.basename(cfg.vision_model)) if local else planner.LLAVA_1_5_7B
+        )
     if cfg.enable_text:
         local = sources.is_local(cfg.text_model) and os.path.isfile(os.path.join(cfg.text_model, "config.json"))
         spec = planner.spec_from_path(cfg.text_model, os.path.basename(cfg.text_model)) if local else None
@@ -41,8 +44,8 @@ def planned_specs(cfg) -> list:
 
 def make_plan(cfg, gpu_mem_gib: float):
     """The plan for the configured models on the given (or the present) GPU; None when there is neither."""
-    from model_loader import planner  # noqa: PLC0415
-    from model_loader.gpu import gpu_memory  # noqa: PLC0415
+    from model_loader.memory import planner  # noqa: PLC0415
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
 
     if gpu_mem_gib > 0:
         total = free = gpu_mem_gib * 1024
@@ -54,15 +57,15 @@ def make_plan(cfg, gpu_mem_gib: float):
         total, free, used = mem.total_mib, mem.free_mib, mem.used_mib
     return planner.best_plan(planned_specs(cfg), total, free, cfg.kv_ratio, cfg.load_order, used_mib=used)
 
+
 def run_check(cfg, env: Mapping[str, str]) -> int:
     """--check: resolve and validate both models, print the memory plan; 0 when all is well, else 1."""
-    from model_loader import planner  # noqa: PLC0415
     from model_loader.errors import AppError  # noqa: PLC0415
-    from model_loader.resolve import resolve_text, resolve_vision  # noqa: PLC0415
+    from model_loader.memory import planner  # noqa: PLC0415
+    from model_loader.weights.resolve import resolve_text, resolve_vision  # noqa: PLC0415
 
     ok = True
-    for kind, enabled, resolve in (("text", cfg.enable_text, resolve_text), ("vision", cfg.enable_vision,
-                                                                             resolve_vision)):
+    for kind, enabled, resolve in (("text", cfg.enable_text, resolve_text), ("vision", cfg.enable_vision, resolve_vision)):
         if not enabled:
             continue
         try:
@@ -88,14 +91,14 @@ def run_check(cfg, env: Mapping[str, str]) -> int:
 
 
 def _has_gpu() -> bool:
-    from model_loader.gpu import gpu_memory  # noqa: PLC0415
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
 
     return gpu_memory() is not None
 
 
 def _no_quantize(src, progress=None):
     """--check never quantizes: it reports that the fp16 model would be quantized at start-up."""
-    from model_loader.quantize import awq_dir_for  # noqa: PLC0415
+    from model_loader.weights.quantize import awq_dir_for  # noqa: PLC0415
 
     dst = awq_dir_for(src)
     print(f"[info] {src} is fp16: it will be quantized to 4-bit AWQ into {dst} at the first start")
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if ns.check:
         return run_check(cfg, env)
     if ns.plan:
-        from model_loader import planner  # noqa: PLC0415
+        from model_loader.memory import planner  # noqa: PLC0415
 
         plan = make_plan(cfg, cfg.gpu_mem_gib)
         if plan is None:
@@ -130,12 +133,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if cfg.backend == "turbomind":
             plan = make_plan(cfg, cfg.gpu_mem_gib)
             if plan is None:
-                raise NoGPU("No NVIDIA GPU is visible, and LMDeploy's TurboMind engine needs one.",
-                            "Run on a machine with an NVIDIA GPU (OpenXLab: choose an A10), or serve the models "
-                            "elsewhere with `lmdeploy serve api_server` and start this app with "
-                            "--backend api_server --server-url URL.")
+                raise NoGPU(
+                    "No NVIDIA GPU is visible, and LMDeploy's TurboMind engine needs one.",
+                    "Run on a machine with an NVIDIA GPU (OpenXLab: choose an A10), or serve the models "
+                    "elsewhere with `lmdeploy serve api_server` and start this app with "
+                    "--backend api_server --server-url URL.",
+                )
             if not plan.fits:
-                from model_loader import planner  # noqa: PLC0415
+                from model_loader.memory import planner  # noqa: PLC0415
 
                 print(planner.format_plan(plan), file=sys.stderr)
                 print("error: the models do not fit on this GPU; ways out are listed above.", file=sys.stderr)
@@ -149,11 +154,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def serve(cfg, env: Mapping[str, str]) -> int:
     """Start engines in the background and serve the UI at once."""
     from model_loader.startup import Startup  # noqa: PLC0415
-    from ui.app import build_demo, launch_kwargs  # noqa: PLC0415
+    from ui.page import build_demo, launch_kwargs  # noqa: PLC0415
 
     startup = Startup(cfg, env)
     startup.start()
-    demo, i18n = build_demo(startup, cfg)
+    demo, i18n = build_demo(startup.slots, cfg, startup.system_info)
     demo.launch(**launch_kwargs(cfg, i18n))
     return 0
 

@@ -11,11 +11,11 @@ import time
 import torch
 from PIL import Image
 
-from bench.common import TEXT, VISION, used_mib
-from model_loader import planner
+from bench.runs import TEXT, VISION, used_mib
 from model_loader.config import AppConfig
-from model_loader.engine import GenSettings, Stats
-from model_loader.gpu import gpu_memory
+from model_loader.engines.seam import GenSettings, Stats
+from model_loader.memory import planner
+from model_loader.memory.gpu import gpu_memory
 
 
 async def ask(engine, sid, messages, n):
@@ -39,23 +39,37 @@ def main() -> None:
     r["plan"] = planner.format_plan(st.plan) if st.plan else None
     r["plan_fits"] = st.plan.fits if st.plan else None
     r["planned_after_mib"] = [round(st.plan.used_after(i)) for i in range(len(st.plan.engines))] if st.plan else None
-    r["slots"] = {k: {"state": s.state, "message": s.message[:300], "used_after_mib": s.used_mib_after}
-                  for k, s in st.slots.items()}
+    r["slots"] = {
+        k: {"state": s.state, "message": s.message[:300], "used_after_mib": s.used_mib_after} for k, s in st.slots.items()
+    }
     text, vision = st.slots["text"].engine, st.slots["vision"].engine
 
     async def load():
         out = {}
         if text:
             t = time.perf_counter()
-            res = await asyncio.gather(*[ask(text, i, [{"role": "user", "content": f"hi {i}"}], 128)
-                                         for i in range(16)])
+            res = await asyncio.gather(*[ask(text, i, [{"role": "user", "content": f"hi {i}"}], 128) for i in range(16)])
             out["text16_tok_s"] = round(sum(x.output_tokens for x in res) / (time.perf_counter() - t), 1)
             out["text16_finish"] = sorted({x.finish_reason for x in res})
         if vision:
             img = Image.new("RGB", (1024, 768), (10, 200, 30))
             t = time.perf_counter()
-            res = await asyncio.gather(*[ask(vision, 100 + i, [{"role": "user", "content": [
-                {"type": "text", "text": "what is this"}, {"type": "image", "image": img}]}], 128) for i in range(4)])
+            res = await asyncio.gather(
+                *[
+                    ask(
+                        vision,
+                        100 + i,
+                        [
+                            {
+                                "role": "user",
+                                "content": [{"type": "text", "text": "what is this"}, {"type": "image", "image": img}],
+                            }
+                        ],
+                        128,
+                    )
+                    for i in range(4)
+                ]
+            )
             out["vision4_s"] = round(time.perf_counter() - t, 2)
             out["vision4_finish"] = sorted({x.finish_reason for x in res})
         return out

@@ -1,7 +1,7 @@
-"""The running app against the raw engine, in one run on a CUDA machine (issue 7, and issue 4's GPU check).
+"""The running app against the raw engine, in one run on a CUDA machine.
 
-Starts `python app.py` over the full-size synthetic checkpoints (APP_BENCH_IGNORE_EOS so every reply is
-max_new_tokens long, as the raw numbers are), drives it as a browser would (streaming, one asyncio SSE stream per
+Starts the app (`python -m bench.serve`, so every reply is max_new_tokens long, as the raw numbers are) over
+the full-size synthetic checkpoints, drives it as a browser would (streaming, one asyncio SSE stream per
 user, bench/sse_client.py; gradio_client for the functional checks), then measures the raw lmdeploy pipeline on
 the same GPU. Writes $OUT/app.json, a Markdown table ($OUT/bench.md) and a chart ($OUT/bench.png).
 
@@ -20,9 +20,9 @@ import sys
 import time
 from datetime import date
 
-from bench.common import OUT, TEXT, VISION, save
+from bench.runs import OUT, TEXT, VISION, save
 from bench.sse_client import assistant_text, chat_users, conversations, disconnect_midstream, image_users
-from model_loader.gpu import gpu_memory
+from model_loader.memory.gpu import gpu_memory
 
 PORT = 7860
 URL = f"http://127.0.0.1:{PORT}/"
@@ -35,14 +35,22 @@ def user_msg(text):
 
 
 def start_app():
-    env = {**os.environ, "APP_BENCH_IGNORE_EOS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    launcher = [sys.executable, "app.py"]
-    switch = os.environ.get("BENCH_SWITCH_INTERVAL")
-    if switch:  # experiment: a shorter GIL switch interval for the app process (bench-only, not a setting)
-        launcher = [sys.executable, "-c", f"import sys, runpy; sys.setswitchinterval({float(switch)}); "
-                    "sys.argv = ['app.py'] + sys.argv[1:]; runpy.run_path('app.py', run_name='__main__')"]
-    cmd = [*launcher, "--text-model", str(TEXT), "--vision-model", str(VISION), "--host", "127.0.0.1",
-           "--port", str(PORT), "--log-level", "WARNING"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serve",
+        "--text-model",
+        str(TEXT),
+        "--vision-model",
+        str(VISION),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(PORT),
+        "--log-level",
+        "WARNING",
+    ]
     log = open(OUT / "app.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -55,8 +63,7 @@ def start_app():
             ui_s = ui_s or time.perf_counter() - t0
             st = client.predict(api_name="/status")
             if all(v["state"] in ("ready", "failed", "disabled") for v in st.values()):
-                R["startup"] = {"ui_up_s": round(ui_s, 1), "ready_s": round(time.perf_counter() - t0, 1),
-                                "status": st}
+                R["startup"] = {"ui_up_s": round(ui_s, 1), "ready_s": round(time.perf_counter() - t0, 1), "status": st}
                 return proc
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.5)
@@ -79,9 +86,13 @@ def chat_once(client, text, max_new=256):
     end = time.perf_counter()
     m = STATS.search(out[1] or "")
     tokens = int(m.group(1)) if m else 0
-    return {"client_ttft_ms": round(1000 * ((first or end) - t0), 1), "tokens": tokens,
-            "engine_ttft_ms": int(m.group(3)) if m else None, "total_s": end - t0,
-            "client_tok_s": round((tokens - 1) / (end - (first or t0)), 1) if tokens > 1 else 0}
+    return {
+        "client_ttft_ms": round(1000 * ((first or end) - t0), 1),
+        "tokens": tokens,
+        "engine_ttft_ms": int(m.group(3)) if m else None,
+        "total_s": end - t0,
+        "client_tok_s": round((tokens - 1) / (end - (first or t0)), 1) if tokens > 1 else 0,
+    }
 
 
 def image_question(client):
@@ -102,8 +113,11 @@ def image_question(client):
             if first is None and assistant_text(update[0]):
                 first = time.perf_counter()
         end = time.perf_counter()
-        out[run] = {"client_ttft_ms": round(1000 * ((first or end) - t0), 1), "total_s": round(end - t0, 2),
-                    "stats": job.outputs()[-1][1]}
+        out[run] = {
+            "client_ttft_ms": round(1000 * ((first or end) - t0), 1),
+            "total_s": round(end - t0, 2),
+            "stats": job.outputs()[-1][1],
+        }
     out.update(out["warm"])
     return out
 
@@ -120,9 +134,11 @@ def stop_check(client):
 def raw_numbers():
     from lmdeploy import GenerationConfig, TurbomindEngineConfig, pipeline
 
-    pipe = pipeline(str(TEXT), backend_config=TurbomindEngineConfig(model_format="awq", cache_max_entry_count=0.1,
-                                                                     session_len=8192, max_batch_size=32),
-                    log_level="ERROR")
+    pipe = pipeline(
+        str(TEXT),
+        backend_config=TurbomindEngineConfig(model_format="awq", cache_max_entry_count=0.1, session_len=8192, max_batch_size=32),
+        log_level="ERROR",
+    )
     gen = GenerationConfig(max_new_tokens=256, ignore_eos=True)
     pipe(["warm up"], gen_config=gen)
     out = {}
@@ -151,24 +167,39 @@ def raw_numbers():
 def write_report():
     app, raw = R.get("app", {}), R.get("raw", {})
     gpu = R.get("gpu", "GPU")
-    rows = [("batch-1 decode tokens/s", raw.get("b1_tok_s"), app.get("b1_tok_s"), "≥ 0.95"),
-            ("time to first token, ms", raw.get("b1_ttft_ms"), app.get("b1_client_ttft_ms"), "< raw + 50 ms")]
+    rows = [
+        ("batch-1 decode tokens/s", raw.get("b1_tok_s"), app.get("b1_tok_s"), "≥ 0.95"),
+        ("time to first token, ms", raw.get("b1_ttft_ms"), app.get("b1_client_ttft_ms"), "< raw + 50 ms"),
+    ]
     for n in (8, 16, 32):
-        rows.append((f"{n} users, aggregate tokens/s", raw.get(f"b{n}_tok_s"), app.get(f"n{n}", {}).get("agg_tok_s"),
-                     "≥ 0.8" if n == 16 else ""))
-    lines = [f"Measured {date.today()} on {gpu}, lmdeploy 0.11.1 TurboMind, synthetic full-size InternLM2-Chat-1.8B "
-             "AWQ (256 new tokens per reply); app = `python app.py`, one browser-like SSE stream per user "
-             "(bench/sse_client.py).", "",
-             "| measure | raw pipeline | through the app | app / raw | target |", "|---|---|---|---|---|"]
+        rows.append(
+            (
+                f"{n} users, aggregate tokens/s",
+                raw.get(f"b{n}_tok_s"),
+                app.get(f"n{n}", {}).get("agg_tok_s"),
+                "≥ 0.8" if n == 16 else "",
+            )
+        )
+    lines = [
+        f"Measured {date.today()} on {gpu}, lmdeploy 0.11.1 TurboMind, synthetic full-size InternLM2-Chat-1.8B "
+        "AWQ (256 new tokens per reply); app = `python app.py`, one browser-like SSE stream per user "
+        "(bench/sse_client.py).",
+        "",
+        "| measure | raw pipeline | through the app | app / raw | target |",
+        "|---|---|---|---|---|",
+    ]
     for name, r, a, target in rows:
         ratio = f"{a / r:.2f}" if r and a and "ms" not in name else (f"+{a - r:.0f} ms" if r and a else "")
         lines.append(f"| {name} | {r} | {a} | {ratio} | {target} |")
     img = R.get("image", {})
-    lines.append(f"| image question (640x480, 64 tokens, warm): first text at the client / total | | "
-                 f"{img.get('client_ttft_ms')} ms / {img.get('total_s')} s | | |")
+    lines.append(
+        f"| image question (640x480, 64 tokens, warm): first text at the client / total | | "
+        f"{img.get('client_ttft_ms')} ms / {img.get('total_s')} s | | |"
+    )
     st = R.get("startup", {})
-    lines.append(f"| start-up, weights on disk: UI up / both engines ready | | {st.get('ui_up_s')} s / "
-                 f"{st.get('ready_s')} s | | |")
+    lines.append(
+        f"| start-up, weights on disk: UI up / both engines ready | | {st.get('ui_up_s')} s / {st.get('ready_s')} s | | |"
+    )
     (OUT / "bench.md").write_text("\n".join(lines) + "\n")
     try:
         from bench.chart import draw
@@ -194,9 +225,12 @@ def main() -> None:
         R["app_gradio_client_b1"] = chat_once(c, "Hi, please introduce yourself")  # the library's own overhead
         asyncio.run(chat_users(URL, 1))
         b1 = [asyncio.run(chat_users(URL, 1))["users"][0] for _ in range(3)]
-        R["app"] = {"b1": b1, "b1_tok_s": statistics.median(x["client_tok_s"] for x in b1),
-                    "b1_server_tok_s": statistics.median(x["server_tok_s"] for x in b1),
-                    "b1_client_ttft_ms": statistics.median(x["client_ttft_ms"] for x in b1)}
+        R["app"] = {
+            "b1": b1,
+            "b1_tok_s": statistics.median(x["client_tok_s"] for x in b1),
+            "b1_server_tok_s": statistics.median(x["server_tok_s"] for x in b1),
+            "b1_client_ttft_ms": statistics.median(x["client_ttft_ms"] for x in b1),
+        }
         for n in (8, 16, 32):
             r = asyncio.run(chat_users(URL, n))
             users = r.pop("users")
@@ -211,8 +245,12 @@ def main() -> None:
         img = str(OUT / "red.png")
         runs = [asyncio.run(image_users(URL, 1, img)) for _ in range(3)]
         warm = runs[-1]["users"][0]
-        R["image"] = {"cold": runs[0]["users"][0], "client_ttft_ms": warm["client_ttft_ms"],
-                      "total_s": warm["total_s"], "engine_ttft_ms": warm["engine_ttft_ms"]}
+        R["image"] = {
+            "cold": runs[0]["users"][0],
+            "client_ttft_ms": warm["client_ttft_ms"],
+            "total_s": warm["total_s"],
+            "engine_ttft_ms": warm["engine_ttft_ms"],
+        }
         four = asyncio.run(image_users(URL, 4, img))
         R["image"]["four_users_wall_s"], R["image"]["four_users_errors"] = four["wall_s"], four["errors"]
         R["stop"] = stop_check(c)
@@ -224,10 +262,6 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    R["switch_interval"] = os.environ.get("BENCH_SWITCH_INTERVAL", "default")
-    if os.environ.get("BENCH_SKIP_RAW"):
-        save("app.json", R)
-        return
     R["raw"] = raw_numbers()
     write_report()
     save("app.json", R)

@@ -1,6 +1,6 @@
 """The bench chart: throughput raw vs app by users, and the KV ratio's effect on memory (measured vs planner).
 
-    python -m bench.chart   (redraws bench/results/bench-h100.png from the saved results)
+python -m bench.chart   (redraws bench/results/bench-h100.png from the saved results)
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def draw(app: dict, raw: dict, ratios: list[dict], gpu: str, out: Path) -> None:
 
 def main() -> None:
     r = json.loads((RESULTS / "app-h100.json").read_text())
-    ratios = [json.loads(line[4:]) for line in (RESULTS / "planner-ratios-h100.txt").read_text().splitlines()
-              if line.startswith("ONE ")]
+    ratios = [
+        json.loads(line[4:]) for line in (RESULTS / "planner-ratios-h100.txt").read_text().splitlines() if line.startswith("ONE ")
+    ]
     draw(r["app"], r["raw"], ratios, r["gpu"], RESULTS / "bench-h100.png")
 
 

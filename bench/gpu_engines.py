@@ -1,4 +1,4 @@
-"""GPU check of the engines (issues 2, 3, 6 and the raw half of 7), in one run on a CUDA machine.
+"""GPU check of the engines, in one run on a CUDA machine.
 
 Writes full-size synthetic checkpoints with the project's writer, builds both TurboMind engines through the
 project's own start-up path, and drives them through the engine seam: a text and an image reply, 16 concurrent
@@ -21,11 +21,11 @@ import traceback
 
 from PIL import Image
 
-from bench.common import TEXT, VISION, ensure_checkpoints, save, used_mib
-from model_loader import planner
+from bench.runs import TEXT, VISION, ensure_checkpoints, save, used_mib
 from model_loader.config import AppConfig
-from model_loader.engine import Delta, GenSettings
-from model_loader.validation import text_model_problems, vision_model_problems
+from model_loader.engines.seam import Delta, GenSettings
+from model_loader.memory import planner
+from model_loader.weights.validation import text_model_problems, vision_model_problems
 
 R: dict = {}
 
@@ -42,7 +42,9 @@ def stage(name):
             R.setdefault("stage_s", {})[name] = round(time.perf_counter() - t0, 1)
             save("engines.json", R)
             return R[name]
+
         return run
+
     return deco
 
 
@@ -59,27 +61,41 @@ async def one_reply(engine, sid, messages, settings, stop_after_s=None):
                 stop_after_s = None
         else:
             stats = item
-    return {"ttft_ms": round(1000 * ((first or time.perf_counter()) - t0), 1), "chars": len(text),
-            "tokens": stats.output_tokens if stats else 0, "finish": stats.finish_reason if stats else None,
-            "error": stats.error if stats else "no stats", "total_s": time.perf_counter() - t0,
-            "tok_s": round(stats.tokens_per_s, 1) if stats else 0}
+    return {
+        "ttft_ms": round(1000 * ((first or time.perf_counter()) - t0), 1),
+        "chars": len(text),
+        "tokens": stats.output_tokens if stats else 0,
+        "finish": stats.finish_reason if stats else None,
+        "error": stats.error if stats else "no stats",
+        "total_s": time.perf_counter() - t0,
+        "tok_s": round(stats.tokens_per_s, 1) if stats else 0,
+    }
 
 
 def engine_idle(engine) -> dict:
     pipe = engine.pipe
     free = pipe.free_insts.qsize() if pipe.free_insts is not None else None
-    return {"seam_active": engine.active_sessions(), "lmdeploy_running": len(pipe.id2inst),
-            "free_instances": free, "instances": len(pipe.instances)}
+    return {
+        "seam_active": engine.active_sessions(),
+        "lmdeploy_running": len(pipe.id2inst),
+        "free_instances": free,
+        "instances": len(pipe.instances),
+    }
 
 
 @stage("text_seam")
 def text_seam(text):
     s = GenSettings(temperature=0, max_new_tokens=256, ignore_eos=True)
     asyncio.run(one_reply(text, 1, [{"role": "user", "content": "warm up"}], s))
-    runs = [asyncio.run(one_reply(text, 1, [{"role": "user", "content": "Hi, please introduce yourself"}], s))
-            for _ in range(3)]
-    sampled = asyncio.run(one_reply(text, 2, [{"role": "user", "content": "hi"}],
-                                    GenSettings(temperature=0.8, top_p=0.8, top_k=40, max_new_tokens=32, seed=7)))
+    runs = [asyncio.run(one_reply(text, 1, [{"role": "user", "content": "Hi, please introduce yourself"}], s)) for _ in range(3)]
+    sampled = asyncio.run(
+        one_reply(
+            text,
+            2,
+            [{"role": "user", "content": "hi"}],
+            GenSettings(temperature=0.8, top_p=0.8, top_k=40, max_new_tokens=32, seed=7),
+        )
+    )
     return {"batch1": runs, "sampled": sampled}
 
 
@@ -87,12 +103,10 @@ def text_seam(text):
 def image_seam(vision):
     img = Image.new("RGB", (640, 480), (200, 30, 30))
     s = GenSettings(temperature=0, max_new_tokens=64, ignore_eos=True)
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
-                                         {"type": "image", "image": img}]}]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}, {"type": "image", "image": img}]}]
     asyncio.run(one_reply(vision, 3, msgs, s))
     out = [asyncio.run(one_reply(vision, 3, msgs, s)) for _ in range(2)]
-    multi = msgs + [{"role": "assistant", "content": "A red square."},
-                    {"role": "user", "content": "What colour is it?"}]
+    multi = msgs + [{"role": "assistant", "content": "A red square."}, {"role": "user", "content": "What colour is it?"}]
     out.append(asyncio.run(one_reply(vision, 3, multi, s)))
     return {"replies": out, "tokens_counted": vision.count_tokens(msgs)}
 
@@ -103,16 +117,29 @@ def concurrent(text):
 
     async def run():
         t0 = time.perf_counter()
-        tasks = [one_reply(text, 100 + i, [{"role": "user", "content": f"user {i}: tell me a story"}], s,
-                           stop_after_s=0.1 if i == 0 else None) for i in range(16)]
+        tasks = [
+            one_reply(
+                text,
+                100 + i,
+                [{"role": "user", "content": f"user {i}: tell me a story"}],
+                s,
+                stop_after_s=0.1 if i == 0 else None,
+            )
+            for i in range(16)
+        ]
         res = await asyncio.gather(*tasks)
         dt = time.perf_counter() - t0
         await asyncio.sleep(0.2)
         return res, dt
+
     res, dt = asyncio.run(run())
-    return {"stopped": res[0], "others_finish": sorted({r["finish"] for r in res[1:]}),
-            "others_tokens": sorted({r["tokens"] for r in res[1:]}),
-            "aggregate_tok_s": round(sum(r["tokens"] for r in res) / dt, 1), "after": engine_idle(text)}
+    return {
+        "stopped": res[0],
+        "others_finish": sorted({r["finish"] for r in res[1:]}),
+        "others_tokens": sorted({r["tokens"] for r in res[1:]}),
+        "aggregate_tok_s": round(sum(r["tokens"] for r in res) / dt, 1),
+        "after": engine_idle(text),
+    }
 
 
 @stage("sessions64x5")
@@ -133,8 +160,13 @@ def sessions64(text):
 
     t0 = time.perf_counter()
     errs = asyncio.run(everyone())
-    return {"sessions": 64, "turns": 5, "errors": sum(errs), "wall_s": round(time.perf_counter() - t0, 1),
-            "after": engine_idle(text)}
+    return {
+        "sessions": 64,
+        "turns": 5,
+        "errors": sum(errs),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "after": engine_idle(text),
+    }
 
 
 @stage("stops200")
@@ -149,11 +181,17 @@ def stops200(text):
                 if isinstance(item, Delta):
                     break  # the consumer goes away mid-stream, like a closed browser tab
             await agen.aclose()
+
         for k in range(0, 200, 50):
             await asyncio.gather(*[one(i) for i in range(k, k + 50)])
         await asyncio.sleep(1.0)
-        return await one_reply(text, 9999, [{"role": "user", "content": "still there?"}],
-                               GenSettings(temperature=0, max_new_tokens=16, ignore_eos=True))
+        return await one_reply(
+            text,
+            9999,
+            [{"role": "user", "content": "still there?"}],
+            GenSettings(temperature=0, max_new_tokens=16, ignore_eos=True),
+        )
+
     nxt = asyncio.run(run())
     return {"before": base, "after": engine_idle(text), "next_request": nxt}
 
@@ -161,6 +199,7 @@ def stops200(text):
 @stage("raw_pipeline")
 def raw(text):
     from lmdeploy import GenerationConfig
+
     pipe = text.pipe
     gen = GenerationConfig(max_new_tokens=256, ignore_eos=True)
     out = {}
@@ -177,21 +216,25 @@ def seam_tp(text):
     s = GenSettings(temperature=0, max_new_tokens=256, ignore_eos=True)
     out = {}
     for n in (8, 16, 32):
+
         async def run():
             t0 = time.perf_counter()
-            res = await asyncio.gather(*[one_reply(text, 200 + i, [{"role": "user", "content": f"u{i} hi"}], s)
-                                         for i in range(n)])
+            res = await asyncio.gather(
+                *[one_reply(text, 200 + i, [{"role": "user", "content": f"u{i} hi"}], s) for i in range(n)]
+            )
             return sum(r["tokens"] for r in res) / (time.perf_counter() - t0)
+
         out[f"n{n}_tok_s"] = round(asyncio.run(run()), 1)
     return out
 
 
 def subprocess_json(args, marker, env=None, timeout=240):
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     for line in p.stdout.splitlines():
         if line.startswith(marker + " "):
-            return json.loads(line[len(marker) + 1:])
+            return json.loads(line[len(marker) + 1 :])
     return {"error": (p.stderr or p.stdout)[-1500:], "rc": p.returncode}
 
 
@@ -218,19 +261,28 @@ def main() -> None:
     if not a.skip_ratios:
         ratios()
     from model_loader.startup import Startup
+
     cfg = AppConfig(text_model=str(TEXT), vision_model=str(VISION))
     st = Startup(cfg, dict(os.environ))
     u0 = used_mib()
     t1 = time.perf_counter()
     st.build_all()
-    R["startup"] = {"build_all_s": round(time.perf_counter() - t1, 1), "used_before_mib": u0,
-                    "slots": {k: {"state": s.state, "message": s.message, "used_after_mib": s.used_mib_after,
-                                  "load_s": round(s.engine.info.load_s, 1) if s.engine else None,
-                                  "backend": s.engine.info.backend if s.engine else None}
-                              for k, s in st.slots.items()},
-                    "plan": planner.format_plan(st.plan) if st.plan else None,
-                    "planned_after_mib": [round(st.plan.used_after(i)) for i in range(len(st.plan.engines))]
-                    if st.plan else None}
+    R["startup"] = {
+        "build_all_s": round(time.perf_counter() - t1, 1),
+        "used_before_mib": u0,
+        "slots": {
+            k: {
+                "state": s.state,
+                "message": s.message,
+                "used_after_mib": s.used_mib_after,
+                "load_s": round(s.engine.info.load_s, 1) if s.engine else None,
+                "backend": s.engine.info.backend if s.engine else None,
+            }
+            for k, s in st.slots.items()
+        },
+        "plan": planner.format_plan(st.plan) if st.plan else None,
+        "planned_after_mib": [round(st.plan.used_after(i)) for i in range(len(st.plan.engines))] if st.plan else None,
+    }
     save("engines.json", R)
     text, vision = st.slots["text"].engine, st.slots["vision"].engine
     if text:
@@ -248,6 +300,7 @@ def main() -> None:
             s.engine.close()
     del st, text, vision
     import gc
+
     gc.collect()
     if not a.skip_a10:
         a10()

@@ -12,10 +12,10 @@ import asyncio
 import json
 import time
 
-from bench.common import TEXT
+from bench.runs import TEXT
 from model_loader.config import AppConfig
-from model_loader.engine import GenSettings
-from model_loader.engine_config import generation_config
+from model_loader.engines.lmdeploy_config import generation_config
+from model_loader.engines.seam import GenSettings
 
 LONG = "Shanghai is a city in China. " * 150
 
@@ -39,8 +39,8 @@ def run_on(pipe, coro):
 
 
 def main() -> None:
-    from model_loader.synth import write_internlm2
-    from model_loader.turbomind_engine import LmdeployEngine
+    from model_loader.engines.turbomind import LmdeployEngine
+    from tests.synth import write_internlm2
 
     if not (TEXT / "config.json").is_file():
         write_internlm2(TEXT, "full", "awq")

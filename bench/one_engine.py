@@ -11,11 +11,11 @@ import json
 import sys
 import time
 
-from bench.common import TEXT, used_mib
-from model_loader import planner
+from bench.runs import TEXT, used_mib
 from model_loader.config import AppConfig
-from model_loader.engine import GenSettings, Stats
-from model_loader.gpu import gpu_memory
+from model_loader.engines.seam import GenSettings, Stats
+from model_loader.memory import planner
+from model_loader.memory.gpu import gpu_memory
 
 
 async def ttft(engine, messages, n=64) -> float:
@@ -31,23 +31,32 @@ def main() -> None:
     mem0 = gpu_memory()
     spec = planner.spec_from_path(TEXT, "text")
     plan = planner.plan_order([spec], mem0.total_mib, mem0.free_mib, ratio, used_mib=mem0.used_mib)
-    from model_loader.turbomind_engine import LmdeployEngine
+    from model_loader.engines.turbomind import LmdeployEngine
 
     cfg = AppConfig(kv_ratio=ratio, prefix_caching=pc, enable_vision=False)
     t0 = time.perf_counter()
     eng = LmdeployEngine.build("text", TEXT, cfg, awq=True)
-    r = {"ratio": ratio, "prefix_caching": pc, "load_s": round(time.perf_counter() - t0, 1),
-         "used_before_mib": mem0.used_mib, "free_before_mib": mem0.free_mib, "used_after_mib": used_mib(),
-         "planned_after_mib": round(plan.used_after(0)), "planned_kv_tokens": plan.engines[0].kv_tokens,
-         "weights_mib_planned": round(spec.weights_mib)}
+    r = {
+        "ratio": ratio,
+        "prefix_caching": pc,
+        "load_s": round(time.perf_counter() - t0, 1),
+        "used_before_mib": mem0.used_mib,
+        "free_before_mib": mem0.free_mib,
+        "used_after_mib": used_mib(),
+        "planned_after_mib": round(plan.used_after(0)),
+        "planned_kv_tokens": plan.engines[0].kv_tokens,
+        "weights_mib_planned": round(spec.weights_mib),
+    }
     r["measured_delta_mib"] = r["used_after_mib"] - r["used_before_mib"]
     r["planned_delta_mib"] = round(plan.used_after(0) - mem0.used_mib)
     r["error_pct"] = round(100 * (r["planned_delta_mib"] - r["measured_delta_mib"]) / r["measured_delta_mib"], 2)
     # a growing conversation: 4 earlier turns of ~1,000 tokens, then a new question
     hist = []
     for i in range(4):
-        hist += [{"role": "user", "content": f"Question {i}: " + "Shanghai is a city in China. " * 150},
-                 {"role": "assistant", "content": "An answer. " * 100}]
+        hist += [
+            {"role": "user", "content": f"Question {i}: " + "Shanghai is a city in China. " * 150},
+            {"role": "assistant", "content": "An answer. " * 100},
+        ]
     asyncio.run(ttft(eng, [{"role": "user", "content": "warm up"}]))
     r["long_prompt_tokens"] = eng.count_tokens(hist + [{"role": "user", "content": "Next?"}])
     r["ttft_turn5_first_ms"] = round(1000 * asyncio.run(ttft(eng, hist + [{"role": "user", "content": "Next?"}])), 1)

@@ -41,9 +41,10 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list)
     """Run one streaming event; returns client-side first-text time, updates, final outputs and timings."""
     session = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    r = await http.post(url + "gradio_api/queue/join",
-                        json={"data": data, "fn_index": index, "session_hash": session, "event_data": None,
-                              "trigger_id": None})
+    r = await http.post(
+        url + "gradio_api/queue/join",
+        json={"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None},
+    )
     r.raise_for_status()
     outputs, first, updates, error = None, None, 0, None
     async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
@@ -74,11 +75,16 @@ def chat_result(call: dict) -> dict:
     m = STATS.search(stats_line)
     tokens = int(m.group(1)) if m else 0
     first = call["first"] or call["end"]
-    return {"client_ttft_ms": round(1000 * (first - call["t0"]), 1), "tokens": tokens,
-            "server_tok_s": float(m.group(2)) if m else 0.0, "engine_ttft_ms": int(m.group(3)) if m else None,
-            "client_tok_s": round((tokens - 1) / (call["end"] - first), 1) if tokens > 1 and call["end"] > first
-            else 0.0, "updates": call["updates"], "total_s": round(call["end"] - call["t0"], 3),
-            "error": call["error"]}
+    return {
+        "client_ttft_ms": round(1000 * (first - call["t0"]), 1),
+        "tokens": tokens,
+        "server_tok_s": float(m.group(2)) if m else 0.0,
+        "engine_ttft_ms": int(m.group(3)) if m else None,
+        "client_tok_s": round((tokens - 1) / (call["end"] - first), 1) if tokens > 1 and call["end"] > first else 0.0,
+        "updates": call["updates"],
+        "total_s": round(call["end"] - call["t0"], 3),
+        "error": call["error"],
+    }
 
 
 def user_history(text: str) -> list:
@@ -91,13 +97,19 @@ async def chat_users(url: str, n: int, max_new: int = 256, prompt: str = "tell m
         config = (await http.get(url + "config")).json()
         idx = fn_index(config, "chat")
         t0 = time.perf_counter()
-        calls = await asyncio.gather(*[
-            stream_call(http, url, idx, [user_history(f"user {i}: {prompt}"), "", 0.0, 0.8, 40, max_new, 1.0, 0])
-            for i in range(n)])
+        calls = await asyncio.gather(
+            *[
+                stream_call(http, url, idx, [user_history(f"user {i}: {prompt}"), "", 0.0, 0.8, 40, max_new, 1.0, 0])
+                for i in range(n)
+            ]
+        )
         wall = time.perf_counter() - t0
     res = [chat_result(c) for c in calls]
-    return {"agg_tok_s": round(sum(r["tokens"] for r in res) / wall, 1), "users": res,
-            "errors": [r["error"] for r in res if r["error"]]}
+    return {
+        "agg_tok_s": round(sum(r["tokens"] for r in res) / wall, 1),
+        "users": res,
+        "errors": [r["error"] for r in res if r["error"]],
+    }
 
 
 async def upload(http: httpx.AsyncClient, url: str, path: str) -> dict:
@@ -116,9 +128,9 @@ async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> d
         idx = fn_index(config, "image_chat")
         files = [await upload(http, url, image_path) for _ in range(n)]
         t0 = time.perf_counter()
-        calls = await asyncio.gather(*[
-            stream_call(http, url, idx, [files[i], user_history("What is in this image?"), 0.0, max_new])
-            for i in range(n)])
+        calls = await asyncio.gather(
+            *[stream_call(http, url, idx, [files[i], user_history("What is in this image?"), 0.0, max_new]) for i in range(n)]
+        )
         wall = time.perf_counter() - t0
     res = [chat_result(c) for c in calls]
     return {"wall_s": round(wall, 2), "users": res, "errors": [r["error"] for r in res if r["error"]]}
@@ -149,8 +161,13 @@ async def conversations(url: str, users: int, turns: int, max_new: int = 32) -> 
         t0 = time.perf_counter()
         problems = await asyncio.gather(*[one(i) for i in range(users)])
     flat = [p for ps in problems for p in ps]
-    return {"users": users, "turns": turns, "problems": len(flat), "first_problems": flat[:5],
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "users": users,
+        "turns": turns,
+        "problems": len(flat),
+        "first_problems": flat[:5],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 async def disconnect_midstream(url: str, n: int, max_new: int = 2000) -> None:
@@ -162,9 +179,10 @@ async def disconnect_midstream(url: str, n: int, max_new: int = 2000) -> None:
         async def one(i: int) -> None:
             session = uuid.uuid4().hex[:12]
             data = [user_history(f"user {i}: a long story"), "", 0.0, 0.8, 40, max_new, 1.0, 0]
-            await http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": idx,
-                                                                  "session_hash": session, "event_data": None,
-                                                                  "trigger_id": None})
+            await http.post(
+                url + "gradio_api/queue/join",
+                json={"data": data, "fn_index": idx, "session_hash": session, "event_data": None, "trigger_id": None},
+            )
             async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
                 async for line in s.aiter_lines():
                     if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_generating":

@@ -1,6 +1,7 @@
 """The app's settings: one frozen dataclass, read from flags and environment in `main()`.
 
-Every field has a flag and an environment variable; `SETTINGS` drives both argparse and the README's table.
+Each field is declared once, with its environment variable and help text; argparse, the environment reader and
+the README's table (checked by a test against `--help`) all come from these declarations.
 """
 
 from __future__ import annotations
@@ -17,59 +18,77 @@ from model_loader.errors import ConfigError
 HUBS = ("hf", "openxlab", "git")
 BACKENDS = ("turbomind", "api_server")
 LOAD_ORDERS = ("auto", "vision-first", "text-first")
+KV_QUANTS = ("none", "int8", "int4")
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One configurable field: its flag, env variable, type and help text."""
-
-    field: str
-    env: str
-    kind: type
-    help: str
-    choices: tuple[str, ...] | None = None
+def setting(default, env: str, help: str, choices: tuple[str, ...] | None = None, flag: str = ""):
+    """A config field with its environment variable, help text, allowed values and (when not the field's) flag."""
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "choices": choices, "flag": flag})
 
 
 @dataclass(frozen=True)
 class AppConfig:
     """Everything the app needs to decide before it starts; defaults work on an OpenXLab A10 unchanged."""
 
-    text_model: str = "internlm/internlm2-chat-1_8b"
-    text_awq_repo: str = ""
-    vision_model: str = "llava-hf/llava-1.5-7b-hf"
-    hub: str = "hf"
-    cache_dir: str = "~/.cache/internlm-lmdeploy-chat"
-    enable_text: bool = True
-    enable_vision: bool = True
-    kv_ratio: float = 0.4
-    text_session_len: int = 8192
-    vision_session_len: int = 4096
-    text_batch_size: int = 32
-    vision_batch_size: int = 8
-    prefix_caching: bool = True
-    load_order: str = "auto"
-    backend: str = "turbomind"
-    text_server_url: str = ""
-    vision_server_url: str = ""
-    host: str = "0.0.0.0"
-    port: int = 7860
-    max_queue: int = 256
-    max_file_size_mb: int = 20
-    max_image_pixels: int = 40_000_000
-    auth: str = ""
-    gpu_mem_gib: float = 0.0
-    log_level: str = "INFO"
-    bench_ignore_eos: bool = False
+    text_model: str = setting(
+        "internlm/internlm2-chat-1_8b",
+        "APP_TEXT_MODEL",
+        "InternLM2 chat model: a local directory or a repo id on --hub (fp16 is quantized once).",
+    )
+    text_awq_repo: str = setting("", "APP_TEXT_AWQ_REPO", "Repo id of a ready 4-bit AWQ InternLM2, tried first.")
+    vision_model: str = setting(
+        "llava-hf/llava-1.5-7b-hf", "APP_VISION_MODEL", "LLaVA in the llava-hf layout: a local directory or a repo id."
+    )
+    hub: str = setting("hf", "APP_HUB", "Where repo ids are downloaded from; git lfs is the fallback.", HUBS)
+    cache_dir: str = setting(
+        "~/.cache/internlm-lmdeploy-chat", "APP_CACHE_DIR", "Where the quantized model (and OpenXLab/git downloads) are kept."
+    )
+    calib_file: str = setting(
+        "", "APP_CALIB_FILE", "UTF-8 text file to calibrate 4-bit quantization on, instead of wikitext2 from the hub."
+    )
+    enable_text: bool = setting(True, "APP_ENABLE_TEXT", "Serve the text chat tab.")
+    enable_vision: bool = setting(True, "APP_ENABLE_VISION", "Serve the image chat tab.")
+    kv_ratio: float = setting(0.4, "APP_KV_RATIO", "Share of free GPU memory each engine gives its KV cache.")
+    text_kv_quant: str = setting(
+        "none",
+        "APP_TEXT_KV_QUANT",
+        "Text KV cache precision: int8 holds twice the tokens of none (fp16), int4 four times.",
+        KV_QUANTS,
+    )
+    vision_kv_quant: str = setting("none", "APP_VISION_KV_QUANT", "Image KV cache precision.", KV_QUANTS)
+    text_session_len: int = setting(8192, "APP_TEXT_SESSION_LEN", "Longest text conversation in tokens.")
+    vision_session_len: int = setting(4096, "APP_VISION_SESSION_LEN", "Longest image conversation in tokens.")
+    text_batch_size: int = setting(32, "APP_TEXT_BATCH_SIZE", "Text requests the engine runs at once.")
+    vision_batch_size: int = setting(8, "APP_VISION_BATCH_SIZE", "Image requests the engine runs at once.")
+    prefix_caching: bool = setting(True, "APP_PREFIX_CACHING", "Reuse the KV cache of a repeated conversation prefix.")
+    load_order: str = setting("auto", "APP_LOAD_ORDER", "Which engine is built first (auto: the planner picks).", LOAD_ORDERS)
+    backend: str = setting("turbomind", "APP_BACKEND", "turbomind in this process, or an lmdeploy api_server.", BACKENDS)
+    text_server_url: str = setting("", "APP_TEXT_SERVER_URL", "api_server (or proxy) URL for the text model.")
+    vision_server_url: str = setting("", "APP_VISION_SERVER_URL", "api_server (or proxy) URL for the vision model.")
+    text_server_model: str = setting(
+        "", "APP_TEXT_SERVER_MODEL", "Model name behind the proxy for the text tab (default: the server's first)."
+    )
+    vision_server_model: str = setting(
+        "", "APP_VISION_SERVER_MODEL", "Model name behind the proxy for the image tab (default: the server's first)."
+    )
+    host: str = setting("0.0.0.0", "GRADIO_SERVER_NAME", "Address to listen on.")
+    port: int = setting(7860, "GRADIO_SERVER_PORT", "Port to listen on (OpenXLab serves 7860).")
+    max_queue: int = setting(256, "APP_MAX_QUEUE", "Requests that may wait in the queue before new ones are refused.")
+    max_file_size_mb: int = setting(20, "APP_MAX_FILE_SIZE_MB", "Largest upload accepted, in MB.")
+    max_image_pixels: int = setting(40_000_000, "APP_MAX_IMAGE_PIXELS", "Images with more pixels are refused.")
+    auth: str = setting("", "APP_AUTH", "Optional login, user:password[,user2:password2]; never logged.")
+    gpu_mem_gib: float = setting(
+        0.0, "APP_GPU_MEM_GIB", "GPU memory to plan for, in GiB (0: ask the GPU; A10: 22.5).", flag="--gpu-mem"
+    )
+    log_level: str = setting("INFO", "APP_LOG_LEVEL", "Logging level.")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ratio < 1.0:
             raise ConfigError(f"kv_ratio must be between 0 and 1, got {self.kv_ratio}.")
-        if self.hub not in HUBS:
-            raise ConfigError(f"hub must be one of {', '.join(HUBS)}, got {self.hub!r}.")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
-        if self.load_order not in LOAD_ORDERS:
-            raise ConfigError(f"load_order must be one of {', '.join(LOAD_ORDERS)}, got {self.load_order!r}.")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}.")
         for name in ("text_session_len", "vision_session_len", "text_batch_size", "vision_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1.")
@@ -106,33 +125,30 @@ class AppConfig:
         return d
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("text_model", "APP_TEXT_MODEL", str, "InternLM2 chat model: a local directory or a repo id on --hub."),
-    Setting("text_awq_repo", "APP_TEXT_AWQ_REPO", str, "Optional repo id of a ready 4-bit AWQ InternLM2 (tried first)."),
-    Setting("vision_model", "APP_VISION_MODEL", str, "LLaVA model in the llava-hf layout: a local directory or repo id."),
-    Setting("hub", "APP_HUB", str, "Where repo ids are downloaded from; git lfs is the fallback.", HUBS),
-    Setting("cache_dir", "APP_CACHE_DIR", str, "Where downloads and the quantized model are kept."),
-    Setting("enable_text", "APP_ENABLE_TEXT", bool, "Serve the text chat tab."),
-    Setting("enable_vision", "APP_ENABLE_VISION", bool, "Serve the image chat tab."),
-    Setting("kv_ratio", "APP_KV_RATIO", float, "Share of free GPU memory each engine gives its KV cache."),
-    Setting("text_session_len", "APP_TEXT_SESSION_LEN", int, "Longest text conversation in tokens."),
-    Setting("vision_session_len", "APP_VISION_SESSION_LEN", int, "Longest image conversation in tokens."),
-    Setting("text_batch_size", "APP_TEXT_BATCH_SIZE", int, "Text requests the engine runs at once."),
-    Setting("vision_batch_size", "APP_VISION_BATCH_SIZE", int, "Image requests the engine runs at once."),
-    Setting("prefix_caching", "APP_PREFIX_CACHING", bool, "Reuse the KV cache of a repeated conversation prefix."),
-    Setting("load_order", "APP_LOAD_ORDER", str, "Which engine is built first (auto: the planner picks).", LOAD_ORDERS),
-    Setting("backend", "APP_BACKEND", str, "turbomind in this process, or an lmdeploy api_server.", BACKENDS),
-    Setting("text_server_url", "APP_TEXT_SERVER_URL", str, "api_server (or proxy) URL for the text model."),
-    Setting("vision_server_url", "APP_VISION_SERVER_URL", str, "api_server (or proxy) URL for the vision model."),
-    Setting("host", "GRADIO_SERVER_NAME", str, "Address to listen on."),
-    Setting("port", "GRADIO_SERVER_PORT", int, "Port to listen on (OpenXLab serves 7860)."),
-    Setting("max_queue", "APP_MAX_QUEUE", int, "Requests that may wait in Gradio's queue before new ones are refused."),
-    Setting("max_file_size_mb", "APP_MAX_FILE_SIZE_MB", int, "Largest upload accepted, in MB."),
-    Setting("max_image_pixels", "APP_MAX_IMAGE_PIXELS", int, "Images with more pixels are refused (image bombs)."),
-    Setting("auth", "APP_AUTH", str, "Optional login, user:password[,user2:password2]; never logged."),
-    Setting("gpu_mem_gib", "APP_GPU_MEM_GIB", float, "GPU memory to plan for with --plan (0: ask the GPU)."),
-    Setting("log_level", "APP_LOG_LEVEL", str, "Logging level."),
-    Setting("bench_ignore_eos", "APP_BENCH_IGNORE_EOS", bool, "Benchmarks only: generate max_new_tokens every time."),
+@dataclass(frozen=True)
+class Setting:
+    """One configurable field as argparse and the environment reader see it."""
+
+    field: str
+    env: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None
+    flag: str
+    default: object
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        f.name,
+        f.metadata["env"],
+        {"str": str, "int": int, "float": float, "bool": bool}[f.type],
+        f.metadata["help"],
+        f.metadata["choices"],
+        f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+        f.default,
+    )
+    for f in dataclasses.fields(AppConfig)
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -173,17 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="Resolve and validate both models, print the memory plan, exit.")
     p.add_argument("--plan", action="store_true", help="Print the GPU memory plan and exit (1 if the models do not fit).")
     p.add_argument("--server-url", default=None, help="Shorthand: the same api_server URL for both models.")
-    defaults = AppConfig()
     for s in SETTINGS:
-        flag = "--" + s.field.replace("_", "-")
-        if s.field == "gpu_mem_gib":
-            flag = "--gpu-mem"
-        default = getattr(defaults, s.field)
-        help_text = f"{s.help} [env {s.env}; default {default!r}]"
+        help_text = f"{s.help} [env {s.env}; default {s.default!r}]"
         if s.kind is bool:
-            p.add_argument(flag, dest=s.field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            p.add_argument(s.flag, dest=s.field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            p.add_argument(flag, dest=s.field, default=None, type=s.kind, choices=s.choices, help=help_text)
+            p.add_argument(s.flag, dest=s.field, default=None, type=s.kind, choices=s.choices, help=help_text)
     return p
 
 

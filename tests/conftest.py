@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from model_loader.config import AppConfig
-from model_loader.startup import Slot, Startup
+from model_loader.engines.slot import EngineSlot
+from model_loader.startup import Startup
 from tests.fakes import FakeEngine
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny InternLM2 (AWQ and fp16) and LLaVA checkpoints written by the project's own writer."""
-    from model_loader.synth import write_internlm2, write_llava
+    from tests.synth import write_internlm2, write_llava
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -41,7 +42,7 @@ def fake_startup(text: FakeEngine | None = None, vision: FakeEngine | None = Non
     """A Startup whose slots hold fake engines (or stay failed with a message)."""
     st = Startup(AppConfig(**cfg), {})
     for kind, eng in (("text", text), ("vision", vision)):
-        slot: Slot = st.slots[kind]
+        slot: EngineSlot = st.slots[kind]
         if eng is not None:
             slot.engine, slot.state, slot.message = eng, "ready", "Ready"
         else:
@@ -58,11 +59,11 @@ def engines():
 def launched(engines, tmp_path, monkeypatch):
     """The real Blocks app over fake engines, launched on a free localhost port; yields (url, engines, startup)."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from ui.app import build_demo, launch_kwargs
+    from ui.page import build_demo, launch_kwargs
 
     text, vision = engines
     st = fake_startup(text, vision, host="127.0.0.1", port=7860, max_image_pixels=60_000_000)
-    demo, i18n = build_demo(st, st.cfg)
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     kw = launch_kwargs(st.cfg, i18n)
     kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
     _, url, _ = demo.launch(**kw)

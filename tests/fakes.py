@@ -8,15 +8,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from model_loader.engine import Delta, EngineInfo, GenSettings, Stats
+from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 
 
 class FakeEngine:
     """Streams a reply word by word; `enqueue()` scripts the next replies, otherwise it echoes the question."""
 
     def __init__(self, kind: str = "text", delay_s: float = 0.01, session_len: int = 8192) -> None:
-        self.info = EngineInfo(kind=kind, name=f"fake-{kind}", backend="fake", session_len=session_len,
-                               batch_size=64)
+        self.info = EngineInfo(kind=kind, name=f"fake-{kind}", backend="fake", session_len=session_len, batch_size=64)
         self.delay_s = delay_s
         self.queue: deque[str] = deque()
         self.calls: list[tuple[int, list[dict], GenSettings]] = []

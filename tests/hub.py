@@ -26,11 +26,13 @@ class FakeHub:
         self.cut_once: set[str] = set()  # file names whose first GET stops halfway
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.tokens: list[str] = []
-        app = Starlette(routes=[
-            Route("/api/models/{owner}/{name}/revision/{rev}", self.info),
-            Route("/api/models/{owner}/{name}", self.info),
-            Route("/{owner}/{name}/resolve/{rev}/{path:path}", self.resolve, methods=["GET", "HEAD"]),
-        ])
+        app = Starlette(
+            routes=[
+                Route("/api/models/{owner}/{name}/revision/{rev}", self.info),
+                Route("/api/models/{owner}/{name}", self.info),
+                Route("/{owner}/{name}/resolve/{rev}/{path:path}", self.resolve, methods=["GET", "HEAD"]),
+            ]
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -55,8 +57,13 @@ class FakeHub:
         if root is None:
             return JSONResponse({"error": "Repository not found"}, status_code=404)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        return JSONResponse({"id": request.path_params["owner"] + "/" + request.path_params["name"], "sha": SHA,
-                             "siblings": [{"rfilename": f} for f in files]})
+        return JSONResponse(
+            {
+                "id": request.path_params["owner"] + "/" + request.path_params["name"],
+                "sha": SHA,
+                "siblings": [{"rfilename": f} for f in files],
+            }
+        )
 
     async def resolve(self, request: Request):
         root = self._repo(request)
@@ -83,6 +90,5 @@ class FakeHub:
                 yield body[: len(body) // 2]
                 raise ConnectionResetError("connection dropped midway")  # the client sees a short read
 
-            return StreamingResponse(cut(), status_code=status,
-                                     headers={**headers, "Content-Length": str(len(body))})
+            return StreamingResponse(cut(), status_code=status, headers={**headers, "Content-Length": str(len(body))})
         return Response(body, status_code=status, headers={**headers, "Content-Length": str(len(body))})

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from model_loader.api_engine import ApiServerEngine, parse_sse_line
-from model_loader.engine import Delta, GenSettings, Stats
+from model_loader.engines.api_server import ApiServerEngine, parse_sse_line
+from model_loader.engines.seam import Delta, GenSettings, Stats
 from model_loader.errors import EngineFailed
 
 
@@ -27,8 +27,7 @@ class FakeApiServer:
         self.words, self.delay_s = words, delay_s
         self.bodies: list[dict] = []
         self.closed_early = 0
-        app = Starlette(routes=[Route("/v1/models", self.models),
-                                Route("/v1/chat/completions", self.chat, methods=["POST"])])
+        app = Starlette(routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])])
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -81,8 +80,12 @@ def collect(engine, sid, messages, settings):
 def test_streams_deltas_and_usage_and_sends_settings():
     with FakeApiServer() as srv:
         eng = ApiServerEngine("text", srv.url)
-        items = collect(eng, 1, [{"role": "user", "content": "hi"}],
-                        GenSettings(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, seed=3))
+        items = collect(
+            eng,
+            1,
+            [{"role": "user", "content": "hi"}],
+            GenSettings(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, seed=3),
+        )
         assert "".join(i.text for i in items if isinstance(i, Delta)).split() == [f"w{i}" for i in range(20)]
         stats = items[-1]
         assert isinstance(stats, Stats) and stats.output_tokens == 20 and stats.input_tokens == 7
@@ -96,8 +99,12 @@ def test_image_parts_travel_as_data_urls():
     with FakeApiServer(words=2) as srv:
         eng = ApiServerEngine("vision", srv.url)
         img = Image.new("RGB", (8, 8), (255, 0, 0))
-        collect(eng, 1, [{"role": "user", "content": [{"type": "text", "text": "what?"},
-                                                      {"type": "image", "image": img}]}], GenSettings())
+        collect(
+            eng,
+            1,
+            [{"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image", "image": img}]}],
+            GenSettings(),
+        )
         parts = srv.bodies[-1]["messages"][0]["content"]
         assert parts[0] == {"type": "text", "text": "what?"}
         assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")

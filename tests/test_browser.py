@@ -10,10 +10,19 @@ import pytest
 from PIL import Image
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM),
-                                reason="Debian's chromium is not installed (apt-get install chromium)")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync", "--disable-quic"]
+pytestmark = pytest.mark.skipif(
+    not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (apt-get install chromium)",
+)
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 @pytest.fixture
@@ -70,7 +79,7 @@ def test_send_stream_stop(page):
 
 def test_html_in_a_message_is_text(page):
     pg, _ = page
-    evil = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>hello"
+    evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>hello'
     send(pg, evil)
     pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said')")
     pg.wait_for_timeout(300)

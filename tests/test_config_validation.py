@@ -8,12 +8,11 @@ import pytest
 
 from model_loader.config import AppConfig, from_args, from_env
 from model_loader.errors import ConfigError
-from model_loader.validation import text_model_problems, vision_model_problems
+from model_loader.weights.validation import text_model_problems, vision_model_problems
 
 
 def test_env_then_flags_override():
-    cfg, _ = from_args(["--kv-ratio", "0.3"], {"APP_KV_RATIO": "0.5", "GRADIO_SERVER_PORT": "7999",
-                                               "APP_ENABLE_VISION": "false"})
+    cfg, _ = from_args(["--kv-ratio", "0.3"], {"APP_KV_RATIO": "0.5", "GRADIO_SERVER_PORT": "7999", "APP_ENABLE_VISION": "false"})
     assert cfg.kv_ratio == 0.3 and cfg.port == 7999 and cfg.enable_vision is False
 
 
@@ -22,8 +21,16 @@ def test_defaults_match_openxlab():
     assert (cfg.kv_ratio, cfg.port, cfg.host) == (0.4, 7860, "0.0.0.0")
 
 
-@pytest.mark.parametrize("env", [{"APP_KV_RATIO": "1.5"}, {"APP_HUB": "nowhere"}, {"APP_ENABLE_TEXT": "maybe"},
-                                 {"APP_BACKEND": "api_server"}, {"APP_AUTH": "nopassword"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"APP_KV_RATIO": "1.5"},
+        {"APP_HUB": "nowhere"},
+        {"APP_ENABLE_TEXT": "maybe"},
+        {"APP_BACKEND": "api_server"},
+        {"APP_AUTH": "nopassword"},
+    ],
+)
 def test_bad_settings_are_named_errors(env):
     with pytest.raises(ConfigError):
         from_env(env)
@@ -72,9 +79,15 @@ def test_wrong_architecture(tiny_models, copy_model):
     assert any("not InternLM2ForCausalLM" in p for p in text_model_problems(m, True))
 
 
-@pytest.mark.parametrize("q,expect", [(None, "no quantization_config"), ({"quant_method": "gptq", "bits": 4},
-                                      "quant_method"), ({"quant_method": "awq", "bits": 8}, "bits"),
-                                      ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version")])
+@pytest.mark.parametrize(
+    "q,expect",
+    [
+        (None, "no quantization_config"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method"),
+        ({"quant_method": "awq", "bits": 8}, "bits"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version"),
+    ],
+)
 def test_quantization_config(tiny_models, copy_model, q, expect):
     m = copy_model(tiny_models["awq"])
     cfg = json.loads((m / "config.json").read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 from lmdeploy import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 
 from model_loader.config import AppConfig
-from model_loader.engine import GenSettings
-from model_loader.engine_config import generation_config, openai_payload, pytorch_config, turbomind_config
+from model_loader.engines.lmdeploy_config import generation_config, openai_payload, pytorch_config, turbomind_config
+from model_loader.engines.seam import GenSettings
 
 
 def test_turbomind_config_mapping():
@@ -14,7 +14,12 @@ def test_turbomind_config_mapping():
     t = turbomind_config(cfg, "text", awq=True)
     assert isinstance(t, TurbomindEngineConfig)
     assert (t.model_format, t.cache_max_entry_count, t.session_len, t.max_batch_size, t.enable_prefix_caching) == (
-        "awq", 0.3, 4096, 16, True)
+        "awq",
+        0.3,
+        4096,
+        16,
+        True,
+    )
     v = turbomind_config(cfg, "vision")
     assert v.model_format is None and v.max_batch_size == 4 and v.enable_prefix_caching is False
     p = pytorch_config(cfg, "vision")
@@ -22,11 +27,17 @@ def test_turbomind_config_mapping():
 
 
 def test_sampling_really_applies():
-    g = generation_config(GenSettings(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=99, seed=3,
-                                      repetition_penalty=1.1))
+    g = generation_config(GenSettings(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=99, seed=3, repetition_penalty=1.1))
     assert isinstance(g, GenerationConfig)
-    assert (g.do_sample, g.temperature, g.top_p, g.top_k, g.max_new_tokens, g.random_seed,
-            g.repetition_penalty) == (True, 0.7, 0.9, 20, 99, 3, 1.1)
+    assert (g.do_sample, g.temperature, g.top_p, g.top_k, g.max_new_tokens, g.random_seed, g.repetition_penalty) == (
+        True,
+        0.7,
+        0.9,
+        20,
+        99,
+        3,
+        1.1,
+    )
     greedy = generation_config(GenSettings(temperature=0))
     assert greedy.do_sample is False
     assert openai_payload(GenSettings(temperature=0))["top_k"] == 1

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from model_loader import sources
 from model_loader.config import AppConfig
 from model_loader.errors import WeightsInvalid
-from model_loader.resolve import resolve_vision
-from model_loader.validation import vision_model_problems
+from model_loader.weights import sources
+from model_loader.weights.resolve import resolve_vision
+from model_loader.weights.validation import vision_model_problems
 from tests.hub import FakeHub
 
 

@@ -11,11 +11,11 @@ import pytest
 from gradio_client import Client
 
 from model_loader.config import AppConfig
-from model_loader.engine import Delta, EngineInfo, GenSettings
+from model_loader.engines.seam import Delta, EngineInfo, GenSettings
+from model_loader.engines.turbomind import LmdeployEngine
 from model_loader.startup import Startup
-from model_loader.turbomind_engine import LmdeployEngine
 from tests.fakes import FakeEngine, FakePipe
-from ui.app import launch_kwargs
+from ui.page import launch_kwargs
 
 
 def msg(text):
@@ -38,8 +38,7 @@ def test_long_conversation_drops_oldest_turns_with_a_notice(launched):
     c = Client(url, verbose=False)
     hist = []
     for i in range(6):
-        hist += msg(f"turn {i} " + "filler " * 40) + [{"role": "assistant", "content": [{"type": "text",
-                                                                                         "text": "ok " * 40}]}]
+        hist += msg(f"turn {i} " + "filler " * 40) + [{"role": "assistant", "content": [{"type": "text", "text": "ok " * 40}]}]
     out = c.predict(hist + msg("and now?"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
     assert "no longer fit" in out[1] and out[0][-1]["content"][0]["text"] == "You said: and now?"
     sent = text.calls[-1][1]
@@ -99,6 +98,7 @@ def test_200_stops_leave_no_lmdeploy_session_behind():
                 if isinstance(item, Delta):
                     break
             await agen.aclose()
+
         await asyncio.gather(*[one(i) for i in range(200)])
         for _ in range(300):
             if not pipe.running:
@@ -167,10 +167,10 @@ def test_files_outside_the_app_are_not_served(launched):
 
 def test_queue_is_bounded_and_follows_the_batch_size(engines):
     from tests.conftest import fake_startup
-    from ui.app import build_demo
+    from ui.page import build_demo
 
     st = fake_startup(*engines, max_queue=77, text_batch_size=24, vision_batch_size=6)
-    demo, _ = build_demo(st, st.cfg)
+    demo, _ = build_demo(st.slots, st.cfg, st.system_info)
     assert demo._queue.max_size == 77
     limits = {fn.concurrency_id: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id}
     assert limits.get("text") == 24 and limits.get("vision") == 6
@@ -178,11 +178,11 @@ def test_queue_is_bounded_and_follows_the_batch_size(engines):
 
 def test_optional_login(engines, tmp_path, monkeypatch):
     from tests.conftest import fake_startup
-    from ui.app import build_demo
+    from ui.page import build_demo
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     st = fake_startup(*engines, host="127.0.0.1", auth="alice:s3cret")
-    demo, i18n = build_demo(st, st.cfg)
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     kw = launch_kwargs(st.cfg, i18n)
     kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
     _, url, _ = demo.launch(**kw)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from model_loader import planner, sources
 from model_loader.config import AppConfig
 from model_loader.errors import DownloadFailed, WeightsInvalid
-from model_loader.quantize import awq_command, awq_dir_for, ensure_awq
-from model_loader.resolve import resolve_text, resolve_vision
-from model_loader.validation import vision_model_problems
+from model_loader.memory import planner
+from model_loader.weights import sources
+from model_loader.weights.quantize import awq_command, awq_dir_for, ensure_awq
+from model_loader.weights.resolve import resolve_text, resolve_vision
+from model_loader.weights.validation import vision_model_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,7 @@ def test_git_fallback_clones_a_real_repo(tiny_models, tmp_path, monkeypatch):
     shutil.copytree(tiny_models["llava"], repo)
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "m"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True)
-    monkeypatch.setattr("huggingface_hub.snapshot_download",
-                        lambda **kw: (_ for _ in ()).throw(ConnectionError("hub down")))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kw: (_ for _ in ()).throw(ConnectionError("hub down")))
     cfg = AppConfig(vision_model=str(repo), cache_dir=str(tmp_path / "cache"))
     d = tmp_path / "cache" / "x"
     src = sources.download("file://" + str(repo), d, "hf", {}, lambda m: None)
@@ -96,8 +96,9 @@ def test_openxlab_sdk_is_used(tiny_models, tmp_path, monkeypatch):
 
 
 def test_every_hub_failing_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("huggingface_hub.snapshot_download",
-                        lambda **kw: (_ for _ in ()).throw(ConnectionError("token hf_secret refused")))
+    monkeypatch.setattr(
+        "huggingface_hub.snapshot_download", lambda **kw: (_ for _ in ()).throw(ConnectionError("token hf_secret refused"))
+    )
     monkeypatch.setattr(sources, "git_download", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
     with pytest.raises(DownloadFailed) as e:
         resolve_vision(AppConfig(vision_model="a/b", cache_dir=str(tmp_path)), {"HF_TOKEN": "hf_secret"})
@@ -113,8 +114,7 @@ def test_fp16_is_quantized_once_and_cached(tiny_models, copy_model):
         work = Path(cmd[cmd.index("--work-dir") + 1])
         shutil.copytree(tiny_models["awq"], work)
 
-    r = resolve_text(AppConfig(text_model=str(src)), {},
-                     quantize=lambda p, prog: ensure_awq(p, prog, run=fake_auto_awq))
+    r = resolve_text(AppConfig(text_model=str(src)), {}, quantize=lambda p, prog: ensure_awq(p, prog, run=fake_auto_awq))
     assert r.source == "quantized" and r.path == awq_dir_for(src.resolve())
     resolve_text(AppConfig(text_model=str(src)), {}, quantize=lambda p, prog: ensure_awq(p, prog, run=fake_auto_awq))
     assert len(runs) == 1
@@ -153,8 +153,13 @@ def test_planner_matches_h100_measurements():
 
 
 def run_app(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
 
 
 def test_cli_plan_help_and_no_gpu():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from model_loader.engine import Delta, EngineInfo, GenSettings, Stats
-from model_loader.turbomind_engine import LmdeployEngine, to_lmdeploy_messages
+from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
+from model_loader.engines.turbomind import LmdeployEngine, to_lmdeploy_messages
 from tests.fakes import FakePipe
 
 
@@ -34,8 +34,12 @@ def test_sampling_settings_reach_lmdeploy():
     eng, pipe = make(3)
 
     async def run():
-        return [x async for x in eng.stream(1, [{"role": "user", "content": "hi"}],
-                                            GenSettings(temperature=0.7, top_p=0.9, top_k=20, seed=5))]
+        return [
+            x
+            async for x in eng.stream(
+                1, [{"role": "user", "content": "hi"}], GenSettings(temperature=0.7, top_p=0.9, top_k=20, seed=5)
+            )
+        ]
 
     asyncio.run(run())
     gen = pipe.seen[-1][1]
@@ -81,6 +85,5 @@ def test_stop_ends_the_stream_with_abort():
 
 def test_image_parts_become_lmdeploy_image_data():
     img = object()
-    out = to_lmdeploy_messages([{"role": "user", "content": [{"type": "text", "text": "q"},
-                                                             {"type": "image", "image": img}]}])
+    out = to_lmdeploy_messages([{"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "image", "image": img}]}])
     assert out[0]["content"][1] == {"type": "image_data", "image_data": {"data": img}}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from model_loader.startup import Slot
-from ui import common as C
-from ui import history as H
+from model_loader.engines.slot import EngineSlot
+from ui import streaming
+from ui.conversation import text_of, to_engine_messages
 
-DEFAULT_SYSTEM = ("You are InternLM (书生·浦语), a helpful, honest and harmless AI assistant developed by Shanghai AI "
-                  "Laboratory. Answer in the language of the question.")
+DEFAULT_SYSTEM = (
+    "You are InternLM (书生·浦语), a helpful, honest and harmless AI assistant developed by Shanghai AI "
+    "Laboratory. Answer in the language of the question."
+)
 EXAMPLES = [
     "Please introduce yourself.",
     "请用三句话介绍一下上海。",
@@ -25,29 +27,36 @@ def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]
     return "", (history or []) + [{"role": "user", "content": message}]
 
 
-async def stream_reply(slot: Slot, history: list[dict], system_prompt: str, temperature: float, top_p: float,
-                       top_k: int, max_new_tokens: int, repetition_penalty: float, seed: int,
-                       request: gr.Request):
+async def stream_reply(
+    slot: EngineSlot,
+    history: list[dict],
+    system_prompt: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
     """Stream InternLM2's answer to the conversation's last user message."""
-    engine = C.engine_or_error(slot)
+    engine = streaming.engine_or_error(slot)
     history = list(history or [])
     if not history or history[-1].get("role") != "user":
         raise gr.Error("There is no question to answer; send a message first.", title="Nothing to answer")
-    settings = C.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                               slot.ignore_eos)
-    messages = H.to_engine_messages(history, system_prompt or "")
-    messages, notice = C.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
-    sid = C.session_id(request, "text")
-    async for update in C.stream_into(history, engine.stream(sid, messages, settings), notice,
-                                      engine.active_sessions):
+    settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+    messages = to_engine_messages(history, system_prompt or "")
+    messages, notice = streaming.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
+    sid = streaming.session_id(request, "text")
+    async for update in streaming.stream_into(history, engine.stream(sid, messages, settings), notice, engine.active_sessions):
         yield update
 
 
-async def stop_reply(slot: Slot, request: gr.Request) -> str:
+async def stop_reply(slot: EngineSlot, request: gr.Request) -> str:
     """Stop this browser's running reply now (the event itself is cancelled too); the stats line says so."""
     if slot.ready:
-        await slot.engine.stop(C.session_id(request, "text"))
-    return C.STOPPED
+        await slot.engine.stop(streaming.session_id(request, "text"))
+    return streaming.STOPPED
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
@@ -63,7 +72,7 @@ def undo_last_turn(history: list[dict]) -> tuple[list[dict], str]:
     history = drop_last_reply(history)
     text = ""
     if history and history[-1].get("role") == "user":
-        text = H.text_of(history.pop().get("content"))
+        text = text_of(history.pop().get("content"))
     return history, text
 
 
@@ -74,17 +83,30 @@ def edit_message(history: list[dict], edit: gr.EditData) -> list[dict]:
     return history
 
 
-def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -> gr.Blocks:
+def build_chat_tab(slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserState) -> gr.Blocks:
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
-        chatbot = gr.Chatbot(label="InternLM2-Chat-1.8B", elem_id="chatbot", height=480, editable="user",
-                             buttons=["copy", "copy_all"], layout="bubble",
-                             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}])
+        chatbot = gr.Chatbot(
+            label="InternLM2-Chat-1.8B",
+            elem_id="chatbot",
+            height=480,
+            editable="user",
+            buttons=["copy", "copy_all"],
+            layout="bubble",
+            latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
+        )
         stats = gr.Markdown(elem_id="chat-stats")
         with gr.Row():
-            msg = gr.Textbox(label=i18n("message"), placeholder=i18n("message_ph"), lines=2, max_lines=12,
-                             scale=8, elem_id="chat-input", submit_btn=False)
+            msg = gr.Textbox(
+                label=i18n("message"),
+                placeholder=i18n("message_ph"),
+                lines=2,
+                max_lines=12,
+                scale=8,
+                elem_id="chat-input",
+                submit_btn=False,
+            )
             with gr.Column(scale=1, min_width=120):
                 send = gr.Button(i18n("send"), variant="primary", elem_id="chat-send")
                 stop = gr.Button(i18n("stop"), variant="stop", elem_id="chat-stop")
@@ -109,10 +131,12 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
                 export_json = gr.Button(i18n("export_json"), size="sm")
             export_file = gr.File(label=i18n("export"), interactive=False)
 
-        async def reply(history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                        request: gr.Request):
-            async for update in stream_reply(slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens,
-                                             repetition_penalty, seed, request):
+        async def reply(
+            history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, request: gr.Request
+        ):
+            async for update in stream_reply(
+                slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, request
+            ):
                 yield update
 
         async def stop_this(request: gr.Request) -> str:
@@ -126,8 +150,7 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
             ev.then(lambda h: h, chatbot, saved, api_name=False, queue=False)
             return ev
 
-        submitted = msg.submit(add_user_message, [msg, chatbot], [msg, chatbot], api_name="add_message",
-                               queue=False)
+        submitted = msg.submit(add_user_message, [msg, chatbot], [msg, chatbot], api_name="add_message", queue=False)
         sent = send.click(add_user_message, [msg, chatbot], [msg, chatbot], api_name=False, queue=False)
         ev_submit = chain(submitted, "chat")
         ev_send = chain(sent, False)
@@ -138,10 +161,11 @@ def build_chat_tab(slot: Slot, i18n, concurrency: int, saved: gr.BrowserState) -
         running = [ev_submit, ev_send, ev_regen, ev_retry, ev_edit]
         stop.click(stop_this, None, stats, cancels=running, api_name="stop", queue=False)
         undo.click(undo_last_turn, chatbot, [chatbot, msg], api_name="undo", queue=False).then(
-            lambda h: h, chatbot, saved, api_name=False, queue=False)
+            lambda h: h, chatbot, saved, api_name=False, queue=False
+        )
         chatbot.undo(undo_last_turn, chatbot, [chatbot, msg], api_name=False, queue=False)
         clear.click(lambda: ([], "", []), None, [chatbot, stats, saved], api_name="clear", queue=False)
-        export_md.click(lambda h: C.export_file(h, "md"), chatbot, export_file, api_name="export_markdown")
-        export_json.click(lambda h: C.export_file(h, "json"), chatbot, export_file, api_name="export_json")
+        export_md.click(lambda h: streaming.export_file(h, "md"), chatbot, export_file, api_name="export_markdown")
+        export_json.click(lambda h: streaming.export_file(h, "json"), chatbot, export_file, api_name="export_json")
     tab.chatbot, tab.status, tab.send, tab.msg, tab.saved = chatbot, status, send, msg, saved
     return tab

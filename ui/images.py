@@ -16,14 +16,15 @@ def load_image(path: str | Path, max_pixels: int = 40_000_000, max_side: int = M
     try:
         img = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadInput(f"{Path(path).name} is not an image we can read.",
-                       "Upload a PNG, JPEG, GIF, WebP or BMP file.") from e
+        raise BadInput(f"{Path(path).name} is not an image we can read.", "Upload a PNG, JPEG, GIF, WebP or BMP file.") from e
     except Image.DecompressionBombError as e:
         raise BadInput("This image is far too large (a decompression bomb?).", "Upload a smaller image.") from e
     w, h = img.size
     if w * h > max_pixels:
-        raise BadInput(f"This image has {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f}.",
-                       "Resize it and upload again.")
+        raise BadInput(
+            f"This image has {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f}.",
+            "Resize it and upload again.",
+        )
     try:
         img.seek(0)  # GIF/APNG/TIFF stacks: the first frame
         img.load()

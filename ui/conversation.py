@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from model_loader.engine import Stats
+from model_loader.engines.seam import Stats
 
 # Control tokens of InternLM2 and LLaVA. User text containing them must reach the model as plain text, so a
 # zero-width space is put after the first character: the tokenizer then cannot match the special token.
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>",
-                  "<|plugin|>", "<s>", "</s>", "<unk>", "<image>", "<pad>")
+SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|interpreter|>",
+    "<|plugin|>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<pad>",
+)
 ZWSP = "\u200b"
 
 
@@ -108,7 +119,7 @@ def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget
     Returns the kept messages and how many earlier messages were dropped.
     """
     system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(system):]
+    rest = messages[len(system) :]
     dropped = 0
     while len(rest) > 1 and count(system + rest) > budget:
         rest = rest[1:]
@@ -121,8 +132,12 @@ def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget
 
 def format_stats(s: Stats) -> str:
     """'128 tokens · 540.2 tokens/s · first token 12 ms' for the line under the chat."""
-    parts = [f"{s.output_tokens} tokens", f"{s.tokens_per_s:.1f} tokens/s", f"first token {s.ttft_s * 1000:.0f} ms",
-             f"{s.input_tokens} prompt tokens"]
+    parts = [
+        f"{s.output_tokens} tokens",
+        f"{s.tokens_per_s:.1f} tokens/s",
+        f"first token {s.ttft_s * 1000:.0f} ms",
+        f"{s.input_tokens} prompt tokens",
+    ]
     if s.finish_reason == "length":
         parts.append("stopped at max new tokens")
     elif s.finish_reason == "abort":

@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from model_loader import sources
 from model_loader.config import AppConfig
 from model_loader.errors import AppError, WeightsInvalid
-from model_loader.quantize import ensure_awq
-from model_loader.sources import Resolved
-from model_loader.validation import read_config, text_model_problems, vision_model_problems
+from model_loader.weights import sources
+from model_loader.weights.quantize import ensure_awq
+from model_loader.weights.sources import Resolved
+from model_loader.weights.validation import read_config, text_model_problems, vision_model_problems
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ def _text_any(path: Path) -> list[str]:
     return text_model_problems(path, require_awq=False)
 
 
-def resolve_text(cfg: AppConfig, env: Mapping[str, str], progress: Callable[[str], None] = log.info,
-                 quantize: Callable[..., Path] = ensure_awq) -> Resolved:
+def resolve_text(
+    cfg: AppConfig, env: Mapping[str, str], progress: Callable[[str], None] = log.info, quantize: Callable[..., Path] = ensure_awq
+) -> Resolved:
     """Local directory; else a pre-quantized repo; else the fp16 repo, quantized once and cached."""
     cache = cfg.cache_path
     if sources.is_local(cfg.text_model):
@@ -31,11 +32,11 @@ def resolve_text(cfg: AppConfig, env: Mapping[str, str], progress: Callable[[str
         r = None
         if cfg.text_awq_repo:
             try:
-                r = sources.fetch_model(cfg.text_awq_repo, cache, cfg.hub, env,
-                                        lambda p: text_model_problems(p, require_awq=True), progress)
+                r = sources.fetch_model(
+                    cfg.text_awq_repo, cache, cfg.hub, env, lambda p: text_model_problems(p, require_awq=True), progress
+                )
             except AppError as e:
-                log.warning("pre-quantized %s unavailable (%s); falling back to %s", cfg.text_awq_repo, e,
-                            cfg.text_model)
+                log.warning("pre-quantized %s unavailable (%s); falling back to %s", cfg.text_awq_repo, e, cfg.text_model)
         if r is None:
             r = sources.fetch_model(cfg.text_model, cache, cfg.hub, env, _text_any, progress)
     config, _ = read_config(r.path)

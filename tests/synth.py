@@ -3,8 +3,8 @@
 No real weights can be downloaded where this project is tested. TurboMind's speed and memory do not depend on
 the weights' values, so a full-size synthetic checkpoint measures them exactly; a tiny one drives CPU tests.
 
-    python -m model_loader.synth internlm2 OUT [--size full|tiny] [--format awq|fp16]
-    python -m model_loader.synth llava OUT [--size full|tiny]
+    python -m tests.synth internlm2 OUT [--size full|tiny] [--format awq|fp16]
+    python -m tests.synth llava OUT [--size full|tiny]
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
     "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-INTERNLM2_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
-                      "<|interpreter|>", "<|plugin|>"]
+INTERNLM2_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|interpreter|>",
+    "<|plugin|>",
+]
 _CORPUS = [
     "Shanghai is a city in China. Please introduce yourself. Hello, how are you today? ",
     "上海是中国的一座城市。你好，请介绍一下你自己。今天天气怎么样？",
@@ -67,8 +76,7 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials: list[str] = (),
-                     pad_to: int = 0) -> int:
+def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials: list[str] = (), pad_to: int = 0) -> int:
     """A small byte-level BPE with the model's special tokens; returns its vocabulary size.
 
     With `pad_to`, the vocabulary is filled with word tokens up to the model's size, so that every id a
@@ -79,8 +87,7 @@ def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 50, trainer)
     if extra_specials:
         tok.add_special_tokens(list(extra_specials))
@@ -106,21 +113,34 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
     out.mkdir(parents=True, exist_ok=True)
     s = INTERNLM2_FULL if size == "full" else INTERNLM2_TINY
     dev = _device(device)
-    tok_vocab = _train_tokenizer(out, min(2000, s.vocab) if size == "full" else 600, INTERNLM2_SPECIALS,
-                                 pad_to=s.vocab if size == "full" else 0)
+    tok_vocab = _train_tokenizer(
+        out, min(2000, s.vocab) if size == "full" else 600, INTERNLM2_SPECIALS, pad_to=s.vocab if size == "full" else 0
+    )
     vocab = max(s.vocab, tok_vocab)
     cfg = dict(
-        architectures=["InternLM2ForCausalLM"], model_type="internlm2",
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
         auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"},
-        hidden_size=s.hidden, intermediate_size=s.intermediate, num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads, num_hidden_layers=s.layers, vocab_size=vocab,
-        max_position_embeddings=s.max_pos, rope_theta=1000000.0, rms_norm_eps=1e-5, hidden_act="silu", bias=False,
-        rope_scaling=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        num_hidden_layers=s.layers,
+        vocab_size=vocab,
+        max_position_embeddings=s.max_pos,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bias=False,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
         torch_dtype="float16",
     )
     if fmt == "awq":
-        cfg["quantization_config"] = dict(quant_method="awq", bits=4, group_size=s.group, version="gemm",
-                                          zero_point=True)
+        cfg["quantization_config"] = dict(quant_method="awq", bits=4, group_size=s.group, version="gemm", zero_point=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     (out / "configuration_internlm2.py").write_text(
         "from transformers import PretrainedConfig\n\n\nclass InternLM2Config(PretrainedConfig):\n"
@@ -132,8 +152,9 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
         if fmt != "awq":
             return {"weight": (torch.randn(n, k, device=dev, generator=g) * 0.02).half()}
         return {
-            "qweight": torch.randint(-2**31, 2**31 - 1, (k, n // 8), device=dev, generator=g,
-                                     dtype=torch.int64).to(torch.int32),
+            "qweight": torch.randint(-(2**31), 2**31 - 1, (k, n // 8), device=dev, generator=g, dtype=torch.int64).to(
+                torch.int32
+            ),
             "qzeros": torch.full((k // s.group, n // 8), 0x88888888 - 2**32, dtype=torch.int32, device=dev),
             "scales": torch.full((k // s.group, n), 0.004, dtype=torch.float16, device=dev),
         }
@@ -162,11 +183,21 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
             for suffix, v in lin(k, n).items():
                 t[p + name + "." + suffix] = v
     _save_sharded({k: v.cpu().contiguous() for k, v in t.items()}, out, save_file, shard_bytes=2 * 2**30)
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="</s>", add_bos_token=True, model_max_length=s.max_pos, chat_template=INTERNLM2_CHAT_TEMPLATE,
-        additional_special_tokens=INTERNLM2_SPECIALS[3:],
-    )))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            dict(
+                tokenizer_class="PreTrainedTokenizerFast",
+                bos_token="<s>",
+                eos_token="</s>",
+                unk_token="<unk>",
+                pad_token="</s>",
+                add_bos_token=True,
+                model_max_length=s.max_pos,
+                chat_template=INTERNLM2_CHAT_TEMPLATE,
+                additional_special_tokens=INTERNLM2_SPECIALS[3:],
+            )
+        )
+    )
     (out / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=[2, 4])))
     log.info("wrote %s (%.2f GiB)", out, _size(out) / 2**30)
     return out
@@ -182,36 +213,71 @@ def write_llava(out: str | os.PathLike, size: str = "full", device: str | None =
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     full = size == "full"
-    tok_vocab = _train_tokenizer(out, 800 if full else 400, ["<unk>", "<s>", "</s>"], ["<image>", "<pad>"],
-                                 pad_to=32064 if full else 0)
+    tok_vocab = _train_tokenizer(
+        out, 800 if full else 400, ["<unk>", "<s>", "</s>"], ["<image>", "<pad>"], pad_to=32064 if full else 0
+    )
     vocab = 32064 if full else max(512, tok_vocab)
     image_token = tok_vocab - 2
     if full:
-        vision = CLIPVisionConfig(hidden_size=1024, image_size=336, intermediate_size=4096, num_attention_heads=16,
-                                  num_hidden_layers=24, patch_size=14, projection_dim=768)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            image_size=336,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=24,
+            patch_size=14,
+            projection_dim=768,
+        )
         text = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5, torch_dtype="float16")
         image_token = 32000
     else:
-        vision = CLIPVisionConfig(hidden_size=32, image_size=28, intermediate_size=64, num_attention_heads=2,
-                                  num_hidden_layers=2, patch_size=14, projection_dim=32)
-        text = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=4, num_hidden_layers=2, max_position_embeddings=4096,
-                           rms_norm_eps=1e-5, torch_dtype="float16")
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                      pad_token_id=image_token + 1, projector_hidden_act="gelu", vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", tie_word_embeddings=False, torch_dtype="float16")
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            image_size=28,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            patch_size=14,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            torch_dtype="float16",
+        )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token,
+        pad_token_id=image_token + 1,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+        torch_dtype="float16",
+    )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
     # transformers 4.51 names differ from the hub's llava-hf files; write the hub's names
-    renames = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
-               ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")]
+    renames = [
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("lm_head.", "language_model.lm_head."),
+    ]
     norms = ("norm.weight", "layernorm.weight", "layrnorm.weight", "layer_norm1.weight", "layer_norm2.weight")
     g = torch.Generator(device=dev).manual_seed(0)
     tensors = {}
     for k, p in model.state_dict().items():
         for a, b in renames:
             if k.startswith(a):
-                k = b + k[len(a):]
+                k = b + k[len(a) :]
                 break
         if k.endswith(norms):
             v = torch.ones(p.shape, dtype=torch.float16, device=dev)
@@ -224,18 +290,43 @@ def write_llava(out: str | os.PathLike, size: str = "full", device: str | None =
     d["text_config"]["architectures"] = ["LlamaForCausalLM"]
     (out / "config.json").write_text(json.dumps(d, indent=1))
     side = vision.image_size
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": side, "width": side}, "do_center_crop": True, "do_convert_rgb": True,
-        "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "CLIPImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "processor_class": "LlavaProcessor", "resample": 3,
-        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": side}}))
-    (out / "processor_config.json").write_text(json.dumps({
-        "patch_size": vision.patch_size, "vision_feature_select_strategy": "default",
-        "processor_class": "LlavaProcessor"}))
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", model_max_length=4096, processor_class="LlavaProcessor")))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": side, "width": side},
+                "do_center_crop": True,
+                "do_convert_rgb": True,
+                "do_normalize": True,
+                "do_rescale": True,
+                "do_resize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_processor_type": "CLIPImageProcessor",
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "processor_class": "LlavaProcessor",
+                "resample": 3,
+                "rescale_factor": 0.00392156862745098,
+                "size": {"shortest_edge": side},
+            }
+        )
+    )
+    (out / "processor_config.json").write_text(
+        json.dumps(
+            {"patch_size": vision.patch_size, "vision_feature_select_strategy": "default", "processor_class": "LlavaProcessor"}
+        )
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            dict(
+                tokenizer_class="PreTrainedTokenizerFast",
+                bos_token="<s>",
+                eos_token="</s>",
+                unk_token="<unk>",
+                pad_token="<pad>",
+                model_max_length=4096,
+                processor_class="LlavaProcessor",
+            )
+        )
+    )
     log.info("wrote %s (%.2f GiB)", out, _size(out) / 2**30)
     return out
 
@@ -259,7 +350,8 @@ def _save_sharded(tensors: dict, out: Path, save_file, shard_bytes: int) -> None
         index.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
+    )
 
 
 def _size(path: Path) -> int:

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from model_loader.gpu import gpu_memory
+from model_loader.memory.gpu import gpu_memory
 
 MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/m"))
 TEXT = MODELS / "internlm2-chat-1_8b-awq"
@@ -17,7 +17,7 @@ OUT = Path(os.environ.get("OUT", "bench/out"))
 
 def ensure_checkpoints() -> dict:
     """Full-size synthetic checkpoints from the project's own writer (skipped when already there)."""
-    from model_loader.synth import write_internlm2, write_llava
+    from tests.synth import write_internlm2, write_llava
 
     took = {}
     for path, write in ((TEXT, lambda: write_internlm2(TEXT, "full", "awq")), (VISION, lambda: write_llava(VISION))):

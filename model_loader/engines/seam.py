@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
@@ -63,13 +63,7 @@ class EngineInfo:
     source: str = ""
     session_len: int = 0
     batch_size: int = 0
-    kv_ratio: float = 0.0
     load_s: float = 0.0
-    measured_mib: float = 0.0
-    weights_mib: float = 0.0
-    kv_mib: float = 0.0
-    kv_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable

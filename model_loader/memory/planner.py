@@ -133,9 +133,16 @@ def spec_from_config(cfg: dict, name: str) -> ModelSpec:
         w = weights_mib(t, awq=bool(t.get("quantization_config")))
         kind, runtime, pre_kv = "text", TEXT_OVERHEAD_MIB, TEXT_PRE_KV_MIB
     heads = t["num_attention_heads"]
-    return ModelSpec(name=name, kind=kind, weights_mib=w, layers=t["num_hidden_layers"],
-                     kv_heads=t.get("num_key_value_heads") or heads, head_dim=t["hidden_size"] // heads,
-                     runtime_mib=runtime, pre_kv_mib=pre_kv)
+    return ModelSpec(
+        name=name,
+        kind=kind,
+        weights_mib=w,
+        layers=t["num_hidden_layers"],
+        kv_heads=t.get("num_key_value_heads") or heads,
+        head_dim=t["hidden_size"] // heads,
+        runtime_mib=runtime,
+        pre_kv_mib=pre_kv,
+    )
 
 
 def spec_from_path(path: str | Path, name: str) -> ModelSpec:
@@ -145,17 +152,33 @@ def spec_from_path(path: str | Path, name: str) -> ModelSpec:
 
 # The shipped models' shapes, so `--plan` works before anything is downloaded.
 INTERNLM2_1_8B_AWQ = spec_from_config(
-    {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_key_value_heads": 8,
-     "num_hidden_layers": 24, "vocab_size": 92544, "quantization_config": {"group_size": 128}},
-    "internlm2-chat-1_8b (4-bit AWQ)")
+    {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 24,
+        "vocab_size": 92544,
+        "quantization_config": {"group_size": 128},
+    },
+    "internlm2-chat-1_8b (4-bit AWQ)",
+)
 INTERNLM2_1_8B_FP16 = spec_from_config(
-    {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_key_value_heads": 8,
-     "num_hidden_layers": 24, "vocab_size": 92544}, "internlm2-chat-1_8b (fp16)")
-LLAVA_1_5_7B = spec_from_config(
-    {"text_config": {"vocab_size": 32064}, "vision_config": {}}, "llava-1.5-7b-hf (fp16)")
+    {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 24,
+        "vocab_size": 92544,
+    },
+    "internlm2-chat-1_8b (fp16)",
+)
+LLAVA_1_5_7B = spec_from_config({"text_config": {"vocab_size": 32064}, "vision_config": {}}, "llava-1.5-7b-hf (fp16)")
 LLAVA_1_5_7B_AWQ = spec_from_config(
     {"text_config": {"vocab_size": 32064, "quantization_config": {"group_size": 128}}, "vision_config": {}},
-    "llava-1.5-7b (4-bit AWQ)")
+    "llava-1.5-7b (4-bit AWQ)",
+)
 
 
 def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
@@ -167,8 +190,14 @@ def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
     return EnginePlan(spec.name, spec.kind, free_mib, spec.weights_mib, spec.runtime_mib, kv, tokens, fits)
 
 
-def plan_order(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
-               min_kv_tokens: dict[str, int] | None = None, used_mib: float | None = None) -> Plan:
+def plan_order(
+    specs: list[ModelSpec],
+    gpu_total_mib: float,
+    free_mib: float,
+    ratio: float,
+    min_kv_tokens: dict[str, int] | None = None,
+    used_mib: float | None = None,
+) -> Plan:
     """Plan engines built in the given order on a card with `free_mib` free."""
     min_kv_tokens = min_kv_tokens or {}
     free = free_mib - CUDA_CONTEXT_MIB
@@ -177,18 +206,24 @@ def plan_order(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ra
     for s in specs:
         e = plan_engine(s, free, ratio)
         if e.kv_tokens < min_kv_tokens.get(s.kind, 0):
-            e = EnginePlan(e.name, e.kind, e.free_before_mib, e.weights_mib, e.runtime_mib, e.kv_mib, e.kv_tokens,
-                           False)
+            e = EnginePlan(e.name, e.kind, e.free_before_mib, e.weights_mib, e.runtime_mib, e.kv_mib, e.kv_tokens, False)
         engines.append(e)
         ok = ok and e.fits
         free -= e.total_mib
-    return Plan(gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok,
-                used_at_start_mib=used_mib)
+    return Plan(
+        gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok, used_at_start_mib=used_mib
+    )
 
 
-def best_plan(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, ratio: float,
-              load_order: str = "auto", min_kv_tokens: dict[str, int] | None = None,
-              used_mib: float | None = None) -> Plan:
+def best_plan(
+    specs: list[ModelSpec],
+    gpu_total_mib: float,
+    free_mib: float,
+    ratio: float,
+    load_order: str = "auto",
+    min_kv_tokens: dict[str, int] | None = None,
+    used_mib: float | None = None,
+) -> Plan:
     """Pick the load order (the biggest model first unless told), and say what to change when nothing fits."""
     by_kind = {s.kind: s for s in specs}
     if load_order == "text-first":
@@ -203,16 +238,24 @@ def best_plan(specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, rat
     if good:
         return good[0]
     p = plans[0]
-    return Plan(p.gpu_total_mib, p.free_at_start_mib, p.ratio, p.order, p.engines, p.spare_mib, False,
-                tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)), used_mib)
+    return Plan(
+        p.gpu_total_mib,
+        p.free_at_start_mib,
+        p.ratio,
+        p.order,
+        p.engines,
+        p.spare_mib,
+        False,
+        tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)),
+        used_mib,
+    )
 
 
 def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:
     """The ways out when the engines do not fit, each checked with the planner itself."""
     out = []
     for r in (0.3, 0.2, 0.1, 0.05):
-        if r < ratio and plan_order(sorted(specs, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r,
-                                    min_kv_tokens).fits:
+        if r < ratio and plan_order(sorted(specs, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r, min_kv_tokens).fits:
             out.append(f"lower the KV-cache ratio: --kv-ratio {r} fits")
             break
     if "vision" in by_kind and by_kind["vision"].weights_mib > LLAVA_1_5_7B_AWQ.weights_mib * 1.2:
@@ -232,23 +275,14 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"GPU: {p.gpu_total_mib / 1024:.1f} GiB total, {p.free_at_start_mib / 1024:.1f} GiB free; "
         f"KV ratio {p.ratio}; load order: {' then '.join(p.order)}",
-        f"{'engine':<34}{'free before':>12}{'weights':>10}{'runtime':>10}{'KV cache':>10}{'KV tokens':>11}"
-        f"{'in use after':>14}",
+        f"{'engine':<34}{'free before':>12}{'weights':>10}{'runtime':>10}{'KV cache':>10}{'KV tokens':>11}{'in use after':>14}",
     ]
     for i, e in enumerate(p.engines):
         lines.append(
             f"{e.name:<34}{e.free_before_mib:>10.0f}M{e.weights_mib:>9.0f}M{e.runtime_mib:>9.0f}M{e.kv_mib:>9.0f}M"
-            f"{e.kv_tokens:>11,}{p.used_after(i):>13.0f}M" + ("" if e.fits else "  DOES NOT FIT"))
+            f"{e.kv_tokens:>11,}{p.used_after(i):>13.0f}M" + ("" if e.fits else "  DOES NOT FIT")
+        )
     lines.append(f"spare after both: {p.spare_mib:.0f} MiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
     for a in p.advice:
         lines.append(f"  way out: {a}")
     return "\n".join(lines)
-
-
-def ratio_table(spec: ModelSpec, free_mib: float, ratios=(0.01, 0.2, 0.4, 0.6, 0.8)) -> list[tuple[float, float, int]]:
-    """(ratio, predicted MiB the engine takes, KV tokens) for one engine alone: how the ratio moves memory."""
-    rows = []
-    for r in ratios:
-        e = plan_engine(spec, free_mib - CUDA_CONTEXT_MIB, r)
-        rows.append((r, CUDA_CONTEXT_MIB + e.total_mib, e.kv_tokens))
-    return rows

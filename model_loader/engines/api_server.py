@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from model_loader.engine import Delta, EngineInfo, GenSettings, Stats
-from model_loader.engine_config import openai_payload
+from model_loader.engines.lmdeploy_config import openai_payload
+from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 from model_loader.errors import EngineFailed
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,12 @@ def to_openai_messages(messages: list[dict]) -> list[dict]:
     for m in messages:
         c = m["content"]
         if isinstance(c, list):
-            c = [{"type": "image_url", "image_url": {"url": image_data_url(p["image"])}} if p.get("type") == "image"
-                 else {"type": "text", "text": p["text"]} for p in c]
+            c = [
+                {"type": "image_url", "image_url": {"url": image_data_url(p["image"])}}
+                if p.get("type") == "image"
+                else {"type": "text", "text": p["text"]}
+                for p in c
+            ]
         out.append({"role": m["role"], "content": c})
     return out
 
@@ -68,8 +72,10 @@ class ApiServerEngine:
             r.raise_for_status()
             self.model = r.json()["data"][0]["id"]
         except Exception as e:  # noqa: BLE001
-            raise EngineFailed(f"No lmdeploy api_server answers at {self.url} ({e}).",
-                               "Start it with `lmdeploy serve api_server MODEL --server-port 23333`.") from e
+            raise EngineFailed(
+                f"No lmdeploy api_server answers at {self.url} ({e}).",
+                "Start it with `lmdeploy serve api_server MODEL --server-port 23333`.",
+            ) from e
         self.info.name = self.model
 
     def count_tokens(self, messages: list[dict]) -> int:
@@ -93,8 +99,13 @@ class ApiServerEngine:
             await resp.aclose()
 
     async def stream(self, session_id: int, messages: list[dict], settings: GenSettings) -> AsyncIterator[Delta | Stats]:
-        body = dict(model=self.model, messages=to_openai_messages(messages), stream=True,
-                    stream_options={"include_usage": True}, **openai_payload(settings))
+        body = dict(
+            model=self.model,
+            messages=to_openai_messages(messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            **openai_payload(settings),
+        )
         t0 = time.perf_counter()
         first = None
         n_in = n_out = 0
@@ -124,8 +135,14 @@ class ApiServerEngine:
             yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, reason)
         except Exception as e:  # noqa: BLE001 - a dropped connection ends the reply with a message
             if session_id in self._active:
-                yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, "error",
-                            f"lost the api_server: {e}")
+                yield Stats(
+                    n_in,
+                    n_out,
+                    (first or time.perf_counter()) - t0,
+                    time.perf_counter() - t0,
+                    "error",
+                    f"lost the api_server: {e}",
+                )
         finally:
             self._active.pop(session_id, None)
             await resp.aclose()

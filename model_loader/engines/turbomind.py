@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from model_loader.config import AppConfig
-from model_loader.engine import Delta, EngineInfo, GenSettings, Stats
-from model_loader.engine_config import generation_config, pytorch_config, turbomind_config
+from model_loader.engines.lmdeploy_config import generation_config, pytorch_config, turbomind_config
+from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count(1)
@@ -78,8 +78,9 @@ class LmdeployEngine:
         self._loop = pipe.internal_thread.loop
 
     @classmethod
-    def build(cls, kind: str, path: Path, cfg: AppConfig, backend: str = "turbomind", awq: bool = False,
-              source: str = "") -> LmdeployEngine:
+    def build(
+        cls, kind: str, path: Path, cfg: AppConfig, backend: str = "turbomind", awq: bool = False, source: str = ""
+    ) -> LmdeployEngine:
         """Build the pipeline from a local directory (never a repo id: lmdeploy would ask the hub even offline)."""
         from lmdeploy import ChatTemplateConfig, pipeline  # noqa: PLC0415
 
@@ -89,9 +90,16 @@ class LmdeployEngine:
             kwargs["chat_template_config"] = ChatTemplateConfig("llava-v1")
         t0 = time.perf_counter()
         pipe = pipeline(str(path), backend_config=engine_cfg, log_level="WARNING", **kwargs)
-        info = EngineInfo(kind=kind, name=path.name, backend=backend, path=str(path), source=source,
-                          session_len=engine_cfg.session_len, batch_size=engine_cfg.max_batch_size,
-                          kv_ratio=engine_cfg.cache_max_entry_count, load_s=time.perf_counter() - t0)
+        info = EngineInfo(
+            kind=kind,
+            name=path.name,
+            backend=backend,
+            path=str(path),
+            source=source,
+            session_len=engine_cfg.session_len,
+            batch_size=engine_cfg.max_batch_size,
+            load_s=time.perf_counter() - t0,
+        )
         return cls(pipe, info)
 
     def count_tokens(self, messages: list[dict]) -> int:
@@ -128,8 +136,9 @@ class LmdeployEngine:
         async def produce() -> None:
             last = None
             try:
-                async for out in self.pipe.generate(msgs, rid, gen_config=gen_cfg, stream_response=True,
-                                                    sequence_start=True, sequence_end=True):
+                async for out in self.pipe.generate(
+                    msgs, rid, gen_config=gen_cfg, stream_response=True, sequence_start=True, sequence_end=True
+                ):
                     last = out
                     bridge.push(out)
             except Exception as e:  # noqa: BLE001 - reported to the consumer as an error Stats
@@ -147,12 +156,12 @@ class LmdeployEngine:
             while True:
                 for item in await bridge.take():
                     if item is done:
-                        yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0,
-                                    reason, error)
+                        yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, reason, error)
                         return
                     if isinstance(item, Exception):
-                        yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0,
-                                    "error", str(item))
+                        yield Stats(
+                            n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, "error", str(item)
+                        )
                         return
                     n_in, n_out = item.input_token_len, item.generate_token_len
                     if first is None and n_out > 0:

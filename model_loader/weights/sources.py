@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_loader.errors import DownloadFailed, WeightsMissing
-from model_loader.validation import ensure_valid
+from model_loader.weights.validation import ensure_valid
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def _redact(text: str, env: Mapping[str, str]) -> str:
     return text
 
 
-def fetch_model(ref: str, cache: Path, hub: str, env: Mapping[str, str], problems: Callable[[Path], list[str]],
-                progress: Progress = log.info) -> Resolved:
+def fetch_model(
+    ref: str, cache: Path, hub: str, env: Mapping[str, str], problems: Callable[[Path], list[str]], progress: Progress = log.info
+) -> Resolved:
     """Resolve `ref` (a directory or repo id) to a validated local directory, downloading when needed.
 
     A cached copy that validates is used as it is; one that does not is fetched again (a hub resumes or replaces

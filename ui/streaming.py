@@ -11,10 +11,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from model_loader.engine import ChatEngine, Delta, GenSettings, Stats
+from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats
+from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
-from model_loader.startup import Slot
-from ui import history as H
+from ui.conversation import format_stats, to_json, to_markdown, token_upper_bound, trim_to_fit
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def session_id(request: gr.Request | None, tab: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
 
 
-def engine_or_error(slot: Slot) -> ChatEngine:
+def engine_or_error(slot: EngineSlot) -> ChatEngine:
     """The slot's engine, or a gr.Error saying why it is not there (yet)."""
     if slot.ready:
         return slot.engine
@@ -53,8 +53,7 @@ def show_error(e: AppError) -> gr.Error:
     return gr.Error(str(e), title=type(e).__name__)
 
 
-def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                  ignore_eos: bool = False) -> GenSettings:
+def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed) -> GenSettings:
     """GenSettings from the sliders, clamped to sane ranges (the API can send anything)."""
     return GenSettings(
         temperature=max(0.0, min(2.0, float(temperature))),
@@ -63,12 +62,12 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
         max_new_tokens=max(1, min(8192, int(max_new_tokens))),
         repetition_penalty=max(0.5, min(2.0, float(repetition_penalty))),
         seed=max(0, int(seed or 0)),
-        ignore_eos=ignore_eos,
     )
 
 
-async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats], notice: str = "",
-                      active: Callable[[], int] = lambda: 1) -> AsyncIterator[tuple[list[dict], str]]:
+async def stream_into(
+    history: list[dict], stream: AsyncIterator[Delta | Stats], notice: str = "", active: Callable[[], int] = lambda: 1
+) -> AsyncIterator[tuple[list[dict], str]]:
     """Append an assistant message and fill it from the stream, yielding (history, stats line) at most every
     ui_interval(active()) seconds; the first text and the end are always sent."""
     history = history + [{"role": "assistant", "content": ""}]
@@ -92,7 +91,7 @@ async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats],
         elif not text and item.finish_reason != "abort":
             text = "(The model returned an empty reply; try Regenerate or a higher temperature.)"
         history[-1] = {"role": "assistant", "content": text}
-        stats = H.format_stats(item)
+        stats = format_stats(item)
         yield history, (notice + " · " if notice else "") + stats
         return
     history[-1] = {"role": "assistant", "content": text}
@@ -102,12 +101,14 @@ async def stream_into(history: list[dict], stream: AsyncIterator[Delta | Stats],
 def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
     """Drop the oldest turns that no longer fit the session; say so instead of failing silently."""
     budget = max(64, session_len - max_new)
-    if H.token_upper_bound(messages) <= budget:
+    if token_upper_bound(messages) <= budget:
         return messages, ""  # fits for sure: no tokenizer work on the event loop
-    kept, dropped = H.trim_to_fit(messages, engine.count_tokens, budget)
+    kept, dropped = trim_to_fit(messages, engine.count_tokens, budget)
     if len(kept) == 1 and kept[0]["role"] == "user" and engine.count_tokens(kept) > budget:
-        raise gr.Error(f"This message is too long for the model's {session_len}-token window. "
-                       "Shorten it or lower Max new tokens.", title="Message too long")
+        raise gr.Error(
+            f"This message is too long for the model's {session_len}-token window. Shorten it or lower Max new tokens.",
+            title="Message too long",
+        )
     if dropped:
         note = f"The {dropped} oldest messages no longer fit the {session_len}-token window and were left out."
         gr.Info(note)
@@ -117,7 +118,7 @@ def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max
 
 def export_file(history: list[dict], fmt: str) -> str:
     """Write the conversation to a temp file for download."""
-    body = H.to_markdown(history) if fmt == "md" else H.to_json(history)
+    body = to_markdown(history) if fmt == "md" else to_json(history)
     d = Path(tempfile.mkdtemp(prefix="chat-export-"))
     f = d / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
     f.write_text(body, encoding="utf-8")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model_loader.errors import QuantizationFailed
-from model_loader.validation import ensure_valid, text_model_problems
+from model_loader.weights.validation import ensure_valid, text_model_problems
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,28 @@ def awq_dir_for(src: Path) -> Path:
 
 def awq_command(src: Path, work_dir: Path) -> list[str]:
     """`lmdeploy lite auto_awq` with 4 bits, group 128 and the wikitext2 calibration set."""
-    return [sys.executable, "-m", "lmdeploy", "lite", "auto_awq", str(src), "--work-dir", str(work_dir),
-            "--w-bits", "4", "--w-group-size", "128", "--calib-dataset", CALIB_DATASET, "--calib-samples", "128",
-            "--calib-seqlen", "2048", "--batch-size", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "lmdeploy",
+        "lite",
+        "auto_awq",
+        str(src),
+        "--work-dir",
+        str(work_dir),
+        "--w-bits",
+        "4",
+        "--w-group-size",
+        "128",
+        "--calib-dataset",
+        CALIB_DATASET,
+        "--calib-samples",
+        "128",
+        "--calib-seqlen",
+        "2048",
+        "--batch-size",
+        "1",
+    ]
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -38,8 +57,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def ensure_awq(src: Path, progress: Callable[[str], None] = log.info,
-               run: Callable[[list[str]], None] | None = None) -> Path:
+def ensure_awq(src: Path, progress: Callable[[str], None] = log.info, run: Callable[[list[str]], None] | None = None) -> Path:
     """Return a validated AWQ copy of `src`, quantizing it once if the cache has none."""
     dst = awq_dir_for(src)
     if dst.is_dir() and not text_model_problems(dst, require_awq=True):
@@ -54,8 +72,9 @@ def ensure_awq(src: Path, progress: Callable[[str], None] = log.info,
         (run or _run_streaming)(cmd, progress)
     except (subprocess.CalledProcessError, OSError) as e:
         shutil.rmtree(work, ignore_errors=True)
-        raise QuantizationFailed(f"lmdeploy auto_awq failed on {src}: {e}",
-                                 "Check GPU memory (quantizing needs ~6 GB) or pass a ready AWQ model.") from e
+        raise QuantizationFailed(
+            f"lmdeploy auto_awq failed on {src}: {e}", "Check GPU memory (quantizing needs ~6 GB) or pass a ready AWQ model."
+        ) from e
     copy_side_files(src, work)
     ensure_valid(text_model_problems(work, require_awq=True), work)
     shutil.rmtree(dst, ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from model_loader.config import AppConfig
-from model_loader.engine import GenSettings
+from model_loader.engines.seam import GenSettings
+
+# TurboMind's online KV-cache quantization: quant_policy 8 is int8, 4 is int4, 0 keeps fp16
+QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}
 
 
 def turbomind_config(cfg: AppConfig, kind: str, awq: bool = False):
@@ -18,6 +21,7 @@ def turbomind_config(cfg: AppConfig, kind: str, awq: bool = False):
         max_batch_size=cfg.text_batch_size if text else cfg.vision_batch_size,
         # prefix caching makes a growing conversation's next turn cheap; image embeddings are not cached by it
         enable_prefix_caching=cfg.prefix_caching and text,
+        quant_policy=QUANT_POLICY[cfg.text_kv_quant if text else cfg.vision_kv_quant],
     )
 
 
@@ -52,9 +56,14 @@ def generation_config(s: GenSettings):
 def openai_payload(s: GenSettings) -> dict:
     """The same settings for lmdeploy's OpenAI-compatible api_server."""
     # the api_server always samples; greedy is top_k 1 there
-    body = dict(temperature=s.temperature if s.do_sample else 1.0, top_p=s.top_p,
-                top_k=s.top_k if s.do_sample else 1, max_tokens=s.max_new_tokens,
-                repetition_penalty=s.repetition_penalty, ignore_eos=s.ignore_eos)
+    body = dict(
+        temperature=s.temperature if s.do_sample else 1.0,
+        top_p=s.top_p,
+        top_k=s.top_k if s.do_sample else 1,
+        max_tokens=s.max_new_tokens,
+        repetition_penalty=s.repetition_penalty,
+        ignore_eos=s.ignore_eos,
+    )
     if s.seed:
         body["seed"] = s.seed
     return body

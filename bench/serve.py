@@ -1,0 +1,22 @@
+"""`python -m bench.serve [app flags]`: the app as `python app.py` runs it, but every reply is max_new_tokens long.
+
+Benchmarks compare the app with the raw engine at fixed lengths, so generation ignores EOS here; the product has
+no such switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def main() -> int:
+    import app  # noqa: PLC0415
+    from model_loader.engines import turbomind  # noqa: PLC0415
+
+    fixed = turbomind.generation_config
+    turbomind.generation_config = lambda s: fixed(dataclasses.replace(s, ignore_eos=True))
+    return app.main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
