@@ -28,6 +28,21 @@ class GenSettings:
         return self.temperature > 0
 
 
+def ignored_settings(s: GenSettings) -> list[str]:
+    """Names of the settings that change nothing with these values, for the UI to say so.
+
+    Greedy (temperature 0) takes the most likely token, so top-p, top-k and the seed do not matter (the
+    repetition penalty still does: lmdeploy_config.generation_config keeps it); top-k 1 is greedy too.
+    """
+    if not s.do_sample:
+        ignored = {"top_p": s.top_p < 1.0, "top_k": s.top_k > 1, "seed": s.seed != 0}
+    elif s.top_k == 1:
+        ignored = {"temperature": True, "top_p": s.top_p < 1.0}
+    else:
+        return []
+    return [name for name, yes in ignored.items() if yes]
+
+
 @dataclass(frozen=True)
 class Delta:
     """New text of a streamed reply."""
@@ -64,6 +79,9 @@ class EngineInfo:
     session_len: int = 0
     batch_size: int = 0
     load_s: float = 0.0
+    # strings user text must not contain as-is: special and added tokens, the image placeholder, plain-text role
+    # markers; the UI breaks them up before sending (ui/conversation.neutralize)
+    reserved: tuple[str, ...] = ()
 
 
 @runtime_checkable
