@@ -219,6 +219,18 @@ def test_1000_requests_leave_lmdeploys_id_bookkeeping_bounded(make):
     assert len(pipe.id2step) <= 20, f"{len(pipe.id2step)} ids kept by lmdeploy"
 
 
+def test_greedy_keeps_the_repetition_penalty(make):
+    """lmdeploy drops the penalty when do_sample is off; greedy must still honour the slider."""
+    eng, pipe = make(tokens=2)
+
+    async def run():
+        return [x async for x in eng.stream(1, TEXT, GenSettings(temperature=0, repetition_penalty=1.3, top_k=40))]
+
+    asyncio.run(run())
+    g = pipe.effective[-1]
+    assert g.repetition_penalty == 1.3 and g.top_k == 1
+
+
 def test_image_questions_get_every_sampling_setting(make):
     eng, pipe = make("vision", tokens=2)
     s = GenSettings(temperature=0.5, top_p=0.6, top_k=7, repetition_penalty=1.2, seed=11, max_new_tokens=99)
