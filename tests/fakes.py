@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 
-# what the real InternLM2 and LLaVA tokenizers and templates reserve (the fake engine has no tokenizer)
+# what the real InternLM2 and LLaVA tokenizers and templates reserve (LmdeployEngine reads them from lmdeploy)
 FAKE_RESERVED = {
     "text": ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
     + ("<s>", "</s>", "<unk>", "<IMAGE_TOKEN>"),

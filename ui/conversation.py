@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 from model_loader.engines.seam import Stats
 
-# Control tokens of InternLM2 and LLaVA. User text containing them must reach the model as plain text, so a
-# zero-width space is put after the first character: the tokenizer then cannot match the special token.
-SPECIAL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|action_start|>",
-    "<|action_end|>",
-    "<|interpreter|>",
-    "<|plugin|>",
-    "<s>",
-    "</s>",
-    "<unk>",
-    "<image>",
-    "<pad>",
-)
 ZWSP = "\u200b"
 
 
-def neutralize(text: str) -> str:
-    """Break every special-token string in `text` so it is tokenized as ordinary characters."""
-    for tok in SPECIAL_TOKENS:
-        if tok in text:
-            text = text.replace(tok, tok[0] + ZWSP + tok[1:])
+@lru_cache(maxsize=8)
+def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern | None:
+    alternatives = sorted({r for r in reserved if r}, key=len, reverse=True)  # longest first
+    return re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+
+def neutralize(text: str, reserved: Sequence[str]) -> str:
+    """Break every reserved string in `text` (the engine's special tokens, image placeholder, role markers) with a
+    zero-width space after its first character, so the template and tokenizer read it as ordinary characters."""
+    pattern = _reserved_pattern(tuple(reserved))
+    if pattern is None:
+        return text
+    while pattern.search(text):  # breaking one could leave another behind it
+        text = pattern.sub(lambda m: m.group()[0] + ZWSP + m.group()[1:], text)
     return text
 
 
@@ -67,28 +63,28 @@ def image_path(m: dict) -> str:
     return ""
 
 
-def to_engine_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
-    """Chatbot messages (role/content) as engine messages, with special tokens neutralized."""
+def to_engine_messages(history: list[dict], system_prompt: str = "", *, reserved: Sequence[str]) -> list[dict]:
+    """Chatbot messages (role/content) as engine messages, with the engine's reserved strings neutralized."""
     out = []
     if system_prompt.strip():
-        out.append({"role": "system", "content": neutralize(system_prompt.strip())})
+        out.append({"role": "system", "content": neutralize(system_prompt.strip(), reserved)})
     for m in history:
         if m.get("role") not in ("user", "assistant") or is_image_message(m):
             continue
         text = text_of(m.get("content"))
         if m["role"] == "assistant" and not text:
             continue
-        out.append({"role": m["role"], "content": neutralize(text)})
+        out.append({"role": m["role"], "content": neutralize(text, reserved)})
     return out
 
 
-def to_vision_messages(history: list[dict], image) -> list[dict]:
+def to_vision_messages(history: list[dict], image, *, reserved: Sequence[str]) -> list[dict]:
     """The turns since the last uploaded image, the image attached to the first question after it."""
     start = 0
     for i, m in enumerate(history):
         if is_image_message(m):
             start = i + 1
-    msgs = to_engine_messages(history[start:])
+    msgs = to_engine_messages(history[start:], reserved=reserved)
     for m in msgs:
         if m["role"] == "user":
             m["content"] = [{"type": "text", "text": m["content"]}, {"type": "image", "image": image}]

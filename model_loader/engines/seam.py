@@ -67,6 +67,25 @@ class Stats:
         return (self.output_tokens - 1) / decode if self.output_tokens > 1 and decode > 0 else 0.0
 
 
+# InternLM2's and LLaVA's control tokens, lmdeploy's image placeholder and llava-v1's role markers
+COMMON_RESERVED = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|interpreter|>",
+    "<|plugin|>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<pad>",
+    "<IMAGE_TOKEN>",
+    "USER:",
+    "ASSISTANT:",
+)
+
+
 @dataclass
 class EngineInfo:
     """What the System tab shows about an engine."""
@@ -80,8 +99,9 @@ class EngineInfo:
     batch_size: int = 0
     load_s: float = 0.0
     # strings user text must not contain as-is: special and added tokens, the image placeholder, plain-text role
-    # markers; the UI breaks them up before sending (ui/conversation.neutralize)
-    reserved: tuple[str, ...] = ()
+    # markers; the UI breaks them up before sending (ui/conversation.neutralize). Engines holding the tokenizer
+    # replace this common set with their own (LmdeployEngine); the api_server's tokenizer lives on the server.
+    reserved: tuple[str, ...] = COMMON_RESERVED
 
 
 @runtime_checkable

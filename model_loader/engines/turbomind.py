@@ -130,8 +130,7 @@ class LmdeployEngine:
     def __init__(self, pipe, info: EngineInfo) -> None:
         self.pipe = pipe
         self.info = info
-        if not info.reserved:
-            info.reserved = reserved_strings(pipe.tokenizer, pipe.chat_template)
+        info.reserved = reserved_strings(pipe.tokenizer, pipe.chat_template)
         self._active: dict[int, set[_Request]] = {}  # UI session -> its replies in flight
         self._loop = pipe.internal_thread.loop
         self._free_ids: list[int] = []  # touched only on lmdeploy's loop
