@@ -109,21 +109,44 @@ def token_upper_bound(messages: list[dict]) -> int:
     return n
 
 
-def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
-    """Drop the oldest user/assistant turns (never the system prompt nor the last question) until `count` fits.
+def _turns(messages: list[dict]) -> list[list[dict]]:
+    """Messages grouped into turns, each starting at a user message (leading others form a turn of their own)."""
+    turns: list[list[dict]] = []
+    for m in messages:
+        if m["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(m)
+    return turns
 
-    Returns the kept messages and how many earlier messages were dropped.
+
+def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int, int]:
+    """Drop the oldest turns (never the system prompt nor the last question) until `count` fits `budget`.
+
+    Each turn is counted once, as the tokens it adds to the system prompt and the question (so any chat template
+    works, however it frames a conversation); the kept conversation is then counted exactly, dropping a further
+    turn only if the estimate was short. About turns + 2 calls of `count` instead of one per dropped turn.
+    Returns the kept messages, how many were dropped, and their exact count (over `budget` only when the system
+    prompt and the question alone do not fit).
     """
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system) :]
-    dropped = 0
-    while len(rest) > 1 and count(system + rest) > budget:
-        rest = rest[1:]
-        dropped += 1
-        while len(rest) > 1 and rest[0]["role"] != "user":
-            rest = rest[1:]
-            dropped += 1
-    return system + rest, dropped
+    last = rest[-1:]
+    turns = _turns(rest[:-1])
+    base = count(system + last)
+    if base > budget or not turns:
+        return system + last, len(rest) - len(last), base
+    total, keep = base, 0
+    for turn in reversed(turns):
+        total += count(system + turn + last) - base
+        if total > budget:
+            break
+        keep += 1
+    while True:
+        kept = system + [m for t in turns[len(turns) - keep :] for m in t] + last
+        tokens = count(kept) if keep else base
+        if tokens <= budget or keep == 0:
+            return kept, len(messages) - len(kept), tokens
+        keep -= 1
 
 
 def format_stats(s: Stats) -> str:
