@@ -202,7 +202,8 @@ class FakePipe:
     """lmdeploy 0.11.1's AsyncEngine as LmdeployEngine uses it; the time before registration is controllable.
 
     - `template_s`: templating and tokenizing block lmdeploy's loop this long (they have no await in 0.11.1);
-    - `preprocess_gate`: image preprocessing (on the vision encoder's one worker thread) waits until it is set;
+    - `preprocess_s`, `preprocess_gate`: image preprocessing (on the vision encoder's one worker thread) takes
+      this long, then waits until the gate is set;
     - `max_batch_size` instances: a request waits for a free one before it is registered.
     `entered[phase]` counts requests that reached 'generate', 'preprocess', 'template', 'instance', 'registered';
     `wait_for(predicate)` blocks until a predicate over the pipe holds.
@@ -231,6 +232,7 @@ class FakePipe:
         self.id2inst: dict[int, _Instance] = {}
         self.chat_template = chat_template or (MODELS.get("llava-v1")() if kind == "vision" else _chatml())
         self.tokenizer = tokenizer or _WordTokenizer()
+        self.preprocess_s = 0.0  # image preprocessing + vision encoder time, on the vision thread
         self.preprocess_gate = threading.Event()
         self.preprocess_gate.set()
         self._vision_executor = ThreadPoolExecutor(max_workers=1)  # ImageEncoder's executor
@@ -306,6 +308,7 @@ class FakePipe:
             await generator.aclose()
 
     def _preprocess(self) -> None:
+        time.sleep(self.preprocess_s)
         self.preprocess_gate.wait()
 
     async def _get_prompt_input(self, messages, sequence_start: bool) -> list[int]:

@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ class LmdeployEngine:
         info.reserved = reserved_strings(pipe.tokenizer, pipe.chat_template)
         self._active: dict[int, set[_Request]] = {}  # UI session -> its replies in flight
         self._loop = pipe.internal_thread.loop
-        self._free_ids: list[int] = []  # touched only on lmdeploy's loop
+        self._free_ids: deque[int] = deque()  # touched only on lmdeploy's loop; oldest released first
         self._new_ids = itertools.count(1)
 
     @classmethod
@@ -199,7 +200,7 @@ class LmdeployEngine:
         if req.stop:
             done(None)
             return
-        req.rid = self._free_ids.pop() if self._free_ids else next(self._new_ids)
+        req.rid = self._free_ids.popleft() if self._free_ids else next(self._new_ids)
         req.task = self._loop.create_task(run(req.rid))
 
         def finished(task: asyncio.Task) -> None:
