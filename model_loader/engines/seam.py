@@ -1,7 +1,7 @@
 """The seam between the UI and whatever runs the model: stream a reply, stop it, describe yourself.
 
 `ui/` depends only on this module. lmdeploy is imported only by the implementations
-(`turbomind_engine.py`, `api_engine.py`); the test double lives in tests/.
+(`turbomind.py`, `api_server.py`); the test doubles live in tests/fakes.py.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class ChatEngine(Protocol):
         ...
 
     async def stop(self, session_id: int) -> None:
-        """Stop the session's request now, freeing its engine slot."""
+        """Stop every reply of the session now, whatever phase it is in, freeing its engine slot."""
         ...
 
     def count_tokens(self, messages: list[dict]) -> int:
