@@ -39,5 +39,5 @@ def test_sampling_really_applies():
         1.1,
     )
     greedy = generation_config(GenSettings(temperature=0))
-    assert greedy.do_sample is False
+    assert greedy.top_k == 1  # greedy: top-1 (tests/test_generation_settings.py)
     assert openai_payload(GenSettings(temperature=0))["top_k"] == 1

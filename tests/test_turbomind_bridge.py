@@ -25,7 +25,7 @@ def test_stream_delivers_every_token_and_stats():
     text = "".join(i.text for i in items if isinstance(i, Delta))
     assert text.split() == [f"t{i}" for i in range(40)]
     stats = items[-1]
-    assert isinstance(stats, Stats) and stats.output_tokens == 40 and stats.finish_reason == "length"
+    assert isinstance(stats, Stats) and stats.output_tokens == 40 and stats.finish_reason == "stop"
     assert eng.active_sessions() == 0
     pipe.close()
 

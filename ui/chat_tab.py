@@ -45,8 +45,8 @@ async def stream_reply(
     if not history or history[-1].get("role") != "user":
         raise gr.Error("There is no question to answer; send a message first.", title="Nothing to answer")
     settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-    messages = to_engine_messages(history, system_prompt or "")
-    messages, notice = streaming.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
+    messages = to_engine_messages(history, system_prompt or "", reserved=engine.info.reserved)
+    messages, notice = await streaming.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
     sid = streaming.session_id(request, "text")
     async for update in streaming.stream_into(history, engine.stream(sid, messages, settings), notice, engine.active_sessions):
         yield update

@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 from model_loader.engines.seam import Stats
 
-# Control tokens of InternLM2 and LLaVA. User text containing them must reach the model as plain text, so a
-# zero-width space is put after the first character: the tokenizer then cannot match the special token.
-SPECIAL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|action_start|>",
-    "<|action_end|>",
-    "<|interpreter|>",
-    "<|plugin|>",
-    "<s>",
-    "</s>",
-    "<unk>",
-    "<image>",
-    "<pad>",
-)
 ZWSP = "\u200b"
 
 
-def neutralize(text: str) -> str:
-    """Break every special-token string in `text` so it is tokenized as ordinary characters."""
-    for tok in SPECIAL_TOKENS:
-        if tok in text:
-            text = text.replace(tok, tok[0] + ZWSP + tok[1:])
+@lru_cache(maxsize=8)
+def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern | None:
+    alternatives = sorted({r for r in reserved if r}, key=len, reverse=True)  # longest first
+    return re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+
+def neutralize(text: str, reserved: Sequence[str]) -> str:
+    """Break every reserved string in `text` (the engine's special tokens, image placeholder, role markers) with a
+    zero-width space after its first character, so the template and tokenizer read it as ordinary characters."""
+    pattern = _reserved_pattern(tuple(reserved))
+    if pattern is None:
+        return text
+    while pattern.search(text):  # breaking one could leave another behind it
+        text = pattern.sub(lambda m: m.group()[0] + ZWSP + m.group()[1:], text)
     return text
 
 
@@ -67,28 +63,28 @@ def image_path(m: dict) -> str:
     return ""
 
 
-def to_engine_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
-    """Chatbot messages (role/content) as engine messages, with special tokens neutralized."""
+def to_engine_messages(history: list[dict], system_prompt: str = "", *, reserved: Sequence[str]) -> list[dict]:
+    """Chatbot messages (role/content) as engine messages, with the engine's reserved strings neutralized."""
     out = []
     if system_prompt.strip():
-        out.append({"role": "system", "content": neutralize(system_prompt.strip())})
+        out.append({"role": "system", "content": neutralize(system_prompt.strip(), reserved)})
     for m in history:
         if m.get("role") not in ("user", "assistant") or is_image_message(m):
             continue
         text = text_of(m.get("content"))
         if m["role"] == "assistant" and not text:
             continue
-        out.append({"role": m["role"], "content": neutralize(text)})
+        out.append({"role": m["role"], "content": neutralize(text, reserved)})
     return out
 
 
-def to_vision_messages(history: list[dict], image) -> list[dict]:
+def to_vision_messages(history: list[dict], image, *, reserved: Sequence[str]) -> list[dict]:
     """The turns since the last uploaded image, the image attached to the first question after it."""
     start = 0
     for i, m in enumerate(history):
         if is_image_message(m):
             start = i + 1
-    msgs = to_engine_messages(history[start:])
+    msgs = to_engine_messages(history[start:], reserved=reserved)
     for m in msgs:
         if m["role"] == "user":
             m["content"] = [{"type": "text", "text": m["content"]}, {"type": "image", "image": image}]
@@ -113,21 +109,44 @@ def token_upper_bound(messages: list[dict]) -> int:
     return n
 
 
-def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
-    """Drop the oldest user/assistant turns (never the system prompt nor the last question) until `count` fits.
+def _turns(messages: list[dict]) -> list[list[dict]]:
+    """Messages grouped into turns, each starting at a user message (leading others form a turn of their own)."""
+    turns: list[list[dict]] = []
+    for m in messages:
+        if m["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(m)
+    return turns
 
-    Returns the kept messages and how many earlier messages were dropped.
+
+def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int, int]:
+    """Drop the oldest turns (never the system prompt nor the last question) until `count` fits `budget`.
+
+    Each turn is counted once, as the tokens it adds to the system prompt and the question (so any chat template
+    works, however it frames a conversation); the kept conversation is then counted exactly, dropping a further
+    turn only if the estimate was short. About turns + 2 calls of `count` instead of one per dropped turn.
+    Returns the kept messages, how many were dropped, and their exact count (over `budget` only when the system
+    prompt and the question alone do not fit).
     """
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system) :]
-    dropped = 0
-    while len(rest) > 1 and count(system + rest) > budget:
-        rest = rest[1:]
-        dropped += 1
-        while len(rest) > 1 and rest[0]["role"] != "user":
-            rest = rest[1:]
-            dropped += 1
-    return system + rest, dropped
+    last = rest[-1:]
+    turns = _turns(rest[:-1])
+    base = count(system + last)
+    if base > budget or not turns:
+        return system + last, len(rest) - len(last), base
+    total, keep = base, 0
+    for turn in reversed(turns):
+        total += count(system + turn + last) - base
+        if total > budget:
+            break
+        keep += 1
+    while True:
+        kept = system + [m for t in turns[len(turns) - keep :] for m in t] + last
+        tokens = count(kept) if keep else base
+        if tokens <= budget or keep == 0:
+            return kept, len(messages) - len(kept), tokens
+        keep -= 1
 
 
 def format_stats(s: Stats) -> str:

@@ -59,8 +59,8 @@ async def stream_image_reply(
     except BadInput as e:
         raise streaming.show_error(e) from e
     settings = streaming.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
-    messages = to_vision_messages(history, img)
-    messages, notice = streaming.fit_messages(engine, messages, engine.info.session_len or 4096, settings.max_new_tokens)
+    messages = to_vision_messages(history, img, reserved=engine.info.reserved)
+    messages, notice = await streaming.fit_messages(engine, messages, engine.info.session_len or 4096, settings.max_new_tokens)
     if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
         messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
     sid = streaming.session_id(request, "vision")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import tempfile
@@ -98,19 +99,24 @@ async def stream_into(
     yield history, notice
 
 
-def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
-    """Drop the oldest turns that no longer fit the session; say so instead of failing silently."""
+async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
+    """Drop the oldest turns that no longer fit the window and say so; refuse a message that cannot fit at all.
+
+    Tokenizing runs in a worker thread: a long conversation must not hold up every other stream.
+    """
     budget = max(64, session_len - max_new)
     if token_upper_bound(messages) <= budget:
-        return messages, ""  # fits for sure: no tokenizer work on the event loop
-    kept, dropped = trim_to_fit(messages, engine.count_tokens, budget)
-    if len(kept) == 1 and kept[0]["role"] == "user" and engine.count_tokens(kept) > budget:
+        return messages, ""  # fits for sure: no tokenizer work at all
+    kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, engine.count_tokens, budget)
+    if tokens > budget:
+        with_system = " with the system prompt" if kept[0]["role"] == "system" else ""
         raise gr.Error(
-            f"This message is too long for the model's {session_len}-token window. Shorten it or lower Max new tokens.",
+            f"This message is too long for the model's {session_len:,}-token window: it takes {tokens:,} tokens"
+            f"{with_system}, and {max_new:,} are kept for the reply. Shorten it or lower Max new tokens.",
             title="Message too long",
         )
     if dropped:
-        note = f"The {dropped} oldest messages no longer fit the {session_len}-token window and were left out."
+        note = f"The {dropped} oldest messages no longer fit the {session_len:,}-token window and were left out."
         gr.Info(note)
         return kept, note
     return kept, ""

@@ -38,32 +38,34 @@ def pytorch_config(cfg: AppConfig, kind: str):
 
 
 def generation_config(s: GenSettings):
-    """lmdeploy 0.11.1 decodes greedily unless do_sample=True, so sampling is switched on explicitly."""
+    """lmdeploy's GenerationConfig; greedy is top-1 sampling, as lmdeploy's own greedy is, so that the
+    repetition penalty still applies (lmdeploy 0.11.1 resets it to 1.0 when do_sample is off)."""
     from lmdeploy import GenerationConfig  # noqa: PLC0415
 
+    greedy = not s.do_sample
     return GenerationConfig(
-        do_sample=s.do_sample,
-        temperature=s.temperature if s.do_sample else 1.0,
-        top_p=s.top_p,
-        top_k=s.top_k,
+        do_sample=True,
+        temperature=1.0 if greedy else s.temperature,
+        top_p=1.0 if greedy else s.top_p,
+        top_k=1 if greedy else s.top_k,
         max_new_tokens=s.max_new_tokens,
         repetition_penalty=s.repetition_penalty,
-        random_seed=s.seed or None,
+        random_seed=None if greedy or not s.seed else s.seed,
         ignore_eos=s.ignore_eos,
     )
 
 
 def openai_payload(s: GenSettings) -> dict:
-    """The same settings for lmdeploy's OpenAI-compatible api_server."""
-    # the api_server always samples; greedy is top_k 1 there
+    """The same settings for lmdeploy's OpenAI-compatible api_server (which always samples)."""
+    greedy = not s.do_sample
     body = dict(
-        temperature=s.temperature if s.do_sample else 1.0,
-        top_p=s.top_p,
-        top_k=s.top_k if s.do_sample else 1,
+        temperature=1.0 if greedy else s.temperature,
+        top_p=1.0 if greedy else s.top_p,
+        top_k=1 if greedy else s.top_k,
         max_tokens=s.max_new_tokens,
         repetition_penalty=s.repetition_penalty,
         ignore_eos=s.ignore_eos,
     )
-    if s.seed:
+    if s.seed and not greedy:
         body["seed"] = s.seed
     return body

@@ -1,7 +1,7 @@
 """The seam between the UI and whatever runs the model: stream a reply, stop it, describe yourself.
 
 `ui/` depends only on this module. lmdeploy is imported only by the implementations
-(`turbomind_engine.py`, `api_engine.py`); the test double lives in tests/.
+(`turbomind.py`, `api_server.py`); the test doubles live in tests/fakes.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,21 @@ class GenSettings:
         return self.temperature > 0
 
 
+def ignored_settings(s: GenSettings) -> list[str]:
+    """Names of the settings that change nothing with these values, for the UI to say so.
+
+    Greedy (temperature 0) takes the most likely token, so top-p, top-k and the seed do not matter (the
+    repetition penalty still does: lmdeploy_config.generation_config keeps it); top-k 1 is greedy too.
+    """
+    if not s.do_sample:
+        ignored = {"top_p": s.top_p < 1.0, "top_k": s.top_k > 1, "seed": s.seed != 0}
+    elif s.top_k == 1:
+        ignored = {"temperature": True, "top_p": s.top_p < 1.0}
+    else:
+        return []
+    return [name for name, yes in ignored.items() if yes]
+
+
 @dataclass(frozen=True)
 class Delta:
     """New text of a streamed reply."""
@@ -52,6 +67,25 @@ class Stats:
         return (self.output_tokens - 1) / decode if self.output_tokens > 1 and decode > 0 else 0.0
 
 
+# InternLM2's and LLaVA's control tokens, lmdeploy's image placeholder and llava-v1's role markers
+COMMON_RESERVED = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|interpreter|>",
+    "<|plugin|>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<pad>",
+    "<IMAGE_TOKEN>",
+    "USER:",
+    "ASSISTANT:",
+)
+
+
 @dataclass
 class EngineInfo:
     """What the System tab shows about an engine."""
@@ -64,6 +98,10 @@ class EngineInfo:
     session_len: int = 0
     batch_size: int = 0
     load_s: float = 0.0
+    # strings user text must not contain as-is: special and added tokens, the image placeholder, plain-text role
+    # markers; the UI breaks them up before sending (ui/conversation.neutralize). Engines holding the tokenizer
+    # replace this common set with their own (LmdeployEngine); the api_server's tokenizer lives on the server.
+    reserved: tuple[str, ...] = COMMON_RESERVED
 
 
 @runtime_checkable
@@ -77,7 +115,7 @@ class ChatEngine(Protocol):
         ...
 
     async def stop(self, session_id: int) -> None:
-        """Stop the session's request now, freeing its engine slot."""
+        """Stop every reply of the session now, whatever phase it is in, freeing its engine slot."""
         ...
 
     def count_tokens(self, messages: list[dict]) -> int:

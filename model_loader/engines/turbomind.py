@@ -13,7 +13,9 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from model_loader.config import AppConfig
@@ -21,7 +23,6 @@ from model_loader.engines.lmdeploy_config import generation_config, pytorch_conf
 from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 
 log = logging.getLogger(__name__)
-_request_ids = itertools.count(1)
 
 
 class _Bridge:
@@ -68,14 +69,73 @@ def to_lmdeploy_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+# chat-template attributes that hold role markers (lmdeploy's BaseChatTemplate and its HF-template subclass)
+_TEMPLATE_MARKERS = (
+    "system",
+    "eosys",
+    "user",
+    "eoh",
+    "assistant",
+    "eoa",
+    "tool",
+    "eotool",
+    "system_start",
+    "system_end",
+    "user_start",
+    "user_end",
+    "assistant_start",
+    "assistant_end",
+)
+
+
+def reserved_strings(tokenizer, chat_template) -> tuple[str, ...]:
+    """What user text must not contain as-is: the tokenizer's special and added tokens, lmdeploy's image
+    placeholder, and the template's plain-text role markers (llava-v1's "USER:" and "ASSISTANT:").
+
+    `tokenizer` is lmdeploy's Tokenizer (the HF tokenizer is its `.model.model`), `chat_template` lmdeploy's.
+    """
+    from lmdeploy.vl.constants import IMAGE_TOKEN  # noqa: PLC0415
+
+    hf = getattr(getattr(tokenizer, "model", None), "model", None)
+    tokens = {IMAGE_TOKEN, *getattr(hf, "all_special_tokens", ())}
+    tokens |= {str(getattr(t, "content", t)) for t in (getattr(hf, "added_tokens_decoder", None) or {}).values()}
+    tokens = {t for t in tokens if len(t.strip()) > 1}
+    markers = set()
+    for attr in _TEMPLATE_MARKERS:
+        marker = getattr(chat_template, attr, None)
+        marker = marker.strip() if isinstance(marker, str) else ""
+        if len(marker) > 1 and not any(t in marker for t in tokens):  # markers made of special tokens are covered
+            markers.add(marker)
+    return tuple(sorted(tokens | markers, key=lambda t: (-len(t), t)))
+
+
+@dataclass(eq=False)
+class _Request:
+    """One reply in flight. `task` and `rid` live on lmdeploy's loop; `stop` may be set from any thread."""
+
+    stop: bool = False
+    rid: int = 0
+    task: asyncio.Task | None = None
+
+
 class LmdeployEngine:
-    """A ChatEngine over an lmdeploy pipeline built in this process."""
+    """A ChatEngine over an lmdeploy pipeline built in this process.
+
+    Stop is honoured in every phase: once lmdeploy has registered the request (`id2inst`), through its own
+    `stop_session`; before that (templating, image preprocessing, waiting for a free instance), where 0.11.1's
+    `stop_session` would drop it, by cancelling the request's task, which lmdeploy unwinds without ever starting
+    it. Both are decided on lmdeploy's loop, so a request cannot register between the check and the stop.
+    Request ids come from a pool and are reused, because lmdeploy keeps every id it sees in `id2step` forever.
+    """
 
     def __init__(self, pipe, info: EngineInfo) -> None:
         self.pipe = pipe
         self.info = info
-        self._active: dict[int, int] = {}  # UI session -> lmdeploy request id
+        info.reserved = reserved_strings(pipe.tokenizer, pipe.chat_template)
+        self._active: dict[int, set[_Request]] = {}  # UI session -> its replies in flight
         self._loop = pipe.internal_thread.loop
+        self._free_ids: deque[int] = deque()  # touched only on lmdeploy's loop; oldest released first
+        self._new_ids = itertools.count(1)
 
     @classmethod
     def build(
@@ -117,65 +177,93 @@ class LmdeployEngine:
         return len(self.pipe.tokenizer.encode(prompt)) + 576 * images
 
     def active_sessions(self) -> int:
-        return len(self._active)
+        """Replies in flight."""
+        return sum(len(reqs) for reqs in self._active.values())
 
     async def stop(self, session_id: int) -> None:
-        rid = self._active.get(session_id)
-        if rid is not None:
-            fut = asyncio.run_coroutine_threadsafe(self.pipe.stop_session(rid), self._loop)
-            await asyncio.wrap_future(fut)
+        """Stop every reply of the session, whatever phase it is in."""
+        for req in list(self._active.get(session_id, ())):
+            req.stop = True
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._halt(req), self._loop))
+
+    async def _halt(self, req: _Request) -> None:
+        """On lmdeploy's loop: end the request by lmdeploy's own stop if registered, else cancel it unstarted."""
+        if req.task is None or req.task.done():
+            return  # not started (`_start` sees req.stop) or already over
+        if req.rid in self.pipe.id2inst:
+            await self.pipe.stop_session(req.rid)  # ends with finish_reason 'abort' and frees the instance
+        else:
+            req.task.cancel()  # still templating, preprocessing or waiting for an instance
+
+    def _start(self, req: _Request, run, done) -> None:
+        """On lmdeploy's loop: take a request id and start generating, unless a stop came first."""
+        if req.stop:
+            done(None)
+            return
+        req.rid = self._free_ids.popleft() if self._free_ids else next(self._new_ids)
+        req.task = self._loop.create_task(run(req.rid))
+
+        def finished(task: asyncio.Task) -> None:
+            self._free_ids.append(req.rid)  # lmdeploy is done with the id: generate has returned
+            done(task)
+
+        req.task.add_done_callback(finished)
 
     async def stream(self, session_id: int, messages: list[dict], settings: GenSettings) -> AsyncIterator[Delta | Stats]:
-        rid = next(_request_ids)
         bridge = _Bridge(asyncio.get_running_loop())
         gen_cfg = generation_config(settings)
         msgs = to_lmdeploy_messages(messages)
         t0 = time.perf_counter()
-        done = object()
+        ended = object()
 
-        async def produce() -> None:
-            last = None
+        async def run(rid: int) -> None:
             try:
                 async for out in self.pipe.generate(
                     msgs, rid, gen_config=gen_cfg, stream_response=True, sequence_start=True, sequence_end=True
                 ):
-                    last = out
                     bridge.push(out)
             except Exception as e:  # noqa: BLE001 - reported to the consumer as an error Stats
                 log.exception("generation failed")
                 bridge.push(e)
-            bridge.push(done if last is not None else RuntimeError("the engine returned nothing"))
 
-        self._active[session_id] = rid
-        fut = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        req = _Request()
+        self._active.setdefault(session_id, set()).add(req)
+        self._loop.call_soon_threadsafe(self._start, req, run, lambda task: bridge.push(ended))
         first = None
         n_in = n_out = 0
-        reason = "error"
+        reason = None
         error = ""
         try:
             while True:
                 for item in await bridge.take():
-                    if item is done:
-                        yield Stats(n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, reason, error)
+                    if item is ended:
+                        if reason is None:
+                            reason = "abort" if req.stop else "error"
+                            error = "" if req.stop else "the engine returned nothing"
+                        now = time.perf_counter()
+                        yield Stats(n_in, n_out, (first or now) - t0, now - t0, reason, error)
                         return
                     if isinstance(item, Exception):
-                        yield Stats(
-                            n_in, n_out, (first or time.perf_counter()) - t0, time.perf_counter() - t0, "error", str(item)
-                        )
-                        return
+                        reason, error = "error", str(item)
+                        continue
                     n_in, n_out = item.input_token_len, item.generate_token_len
                     if first is None and n_out > 0:
                         first = time.perf_counter()  # time to first token, even if it decodes to no text yet
-                    reason = item.finish_reason or reason
+                    if item.finish_reason:
+                        reason = item.finish_reason
                     if item.finish_reason == "error":
                         error = item.response
                         continue
                     if item.response:
                         yield Delta(item.response)
         finally:
-            self._active.pop(session_id, None)
-            if not fut.done():  # the consumer went away (Stop, disconnect): free the engine slot now
-                asyncio.run_coroutine_threadsafe(self.pipe.stop_session(rid), self._loop)
+            mine = self._active.get(session_id, set())
+            mine.discard(req)
+            if not mine:
+                self._active.pop(session_id, None)
+            if not req.stop and reason is None:  # the reader went away (Stop, a closed tab): free the engine now
+                req.stop = True
+                asyncio.run_coroutine_threadsafe(self._halt(req), self._loop)
 
     def close(self) -> None:
         self.pipe.close()

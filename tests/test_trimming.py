@@ -1,0 +1,119 @@
+"""Fitting a conversation into the window: readable refusals, each turn counted once, the event loop left free."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+
+from tests.fakes import FakeEngine
+from ui import conversation, streaming
+
+
+class CountingEngine(FakeEngine):
+    """count_tokens as the fake's, recording each call (and sleeping, as a real tokenizer takes time)."""
+
+    def __init__(self, sleep_s: float = 0.0, **kw) -> None:
+        super().__init__(**kw)
+        self.sleep_s = sleep_s
+        self.counted: list[int] = []
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        self.counted.append(len(messages))
+        time.sleep(self.sleep_s)
+        return super().count_tokens(messages)
+
+
+def conversation_of(turns: int, words: int = 50, system: str = "You are helpful.") -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i in range(turns):
+        msgs += [
+            {"role": "user", "content": f"question {i} " + "w " * words},
+            {"role": "assistant", "content": f"answer {i} " + "w " * words},
+        ]
+    return msgs + [{"role": "user", "content": "and now?"}]
+
+
+async def fit(engine, messages, session_len, max_new=64):
+    result = streaming.fit_messages(engine, messages, session_len, max_new)
+    return await result if inspect.isawaitable(result) else result
+
+
+@pytest.mark.parametrize("system", ["", "You are a helpful assistant."])
+def test_message_over_the_window_is_refused_with_or_without_a_system_prompt(system):
+    eng = FakeEngine(session_len=8192)
+    msgs = conversation_of(2, system=system)
+    msgs[-1]["content"] = "word " * 200_000  # 1 MB
+    with pytest.raises(gr.Error, match="too long") as e:
+        asyncio.run(fit(eng, msgs, 8192))
+    assert "8,192-token window" in e.value.message
+
+
+def test_oldest_turns_are_dropped_keeping_system_and_question():
+    eng = FakeEngine()
+    msgs = conversation_of(10)
+    kept, note = asyncio.run(fit(eng, msgs, 600))
+    assert kept[0]["role"] == "system" and kept[1]["role"] == "user" and kept[-1]["content"] == "and now?"
+    assert eng.count_tokens(kept) <= 600 - 64 and len(kept) < len(msgs)
+    assert eng.count_tokens(kept[:1] + msgs[len(msgs) - len(kept) - 2 :]) > 600 - 64, "dropped more than needed"
+    assert "no longer fit" in note
+
+
+def test_trimming_60_turns_counts_each_turn_once():
+    eng = CountingEngine()
+    msgs = conversation_of(60)
+    kept, _ = asyncio.run(fit(eng, msgs, 3000))
+    assert 2 < len(kept) < len(msgs)
+    assert len(eng.counted) <= 60 + 4, f"{len(eng.counted)} tokenizer calls"
+    assert sum(eng.counted) <= 6 * len(msgs), f"{sum(eng.counted)} messages tokenized for {len(msgs)}"
+
+
+def test_trimming_leaves_the_event_loop_free():
+    eng = CountingEngine(sleep_s=0.01)
+    msgs = conversation_of(60)
+
+    async def run():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        start, t0 = ticks, time.perf_counter()
+        await fit(eng, msgs, 3000)
+        took, ticked = time.perf_counter() - t0, ticks - start
+        t.cancel()
+        return took, ticked
+
+    took, ticked = asyncio.run(run())
+    assert took > 0.1 and ticked >= took / 0.005 / 4, f"{ticked} ticks in {took:.2f} s"
+
+
+def test_trim_to_fit_is_exact_with_a_template_that_is_not_additive():
+    """Per-turn costs are estimates; the kept conversation is checked with one exact count."""
+
+    def count(msgs):  # 30 tokens once per prompt, and turns cost more together than apart
+        return 30 + sum(len(m["content"].split()) for m in msgs) + len(msgs) ** 2
+
+    msgs = conversation_of(20, words=10)
+    kept, dropped, tokens = conversation.trim_to_fit(msgs, count, 400)
+    assert tokens == count(kept) <= 400 and kept[-1]["content"] == "and now?" and dropped == len(msgs) - len(kept)
+    assert count(kept[:1] + msgs[len(msgs) - len(kept) - 2 :]) > 400
+
+
+def test_long_message_with_the_default_system_prompt_is_refused_in_the_app(launched):
+    url, (text, _), _ = launched
+    text.info.session_len = 200
+    c = Client(url, verbose=False)
+    question = [{"role": "user", "content": [{"type": "text", "text": "word " * 400}]}]
+    with pytest.raises(Exception, match="too long"):
+        c.predict(question, "You are InternLM, a helpful assistant.", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert not text.calls, "the message reached the engine"
