@@ -55,6 +55,10 @@ class QuantizationOutOfMemory(QuantizationFailed):
     """Quantizing ran out of GPU memory or RAM."""
 
 
+class PublishFailed(AppError):
+    """--push-to-hub could not upload the quantized model."""
+
+
 class DoesNotFit(AppError):
     """The memory planner predicts that the engines do not fit on the GPU."""
 

@@ -84,6 +84,8 @@ class FakeHub:
         self.tokens.append(request.headers.get("authorization", ""))
         if path == "/api/repos/create" and request.method == "POST":
             return await self.create_repo(request)
+        if path == "/api/validate-yaml":  # a model card's metadata, checked before upload
+            return JSONResponse({"errors": [], "warnings": []})
         if path.startswith("/lfs-upload/") and request.method == "PUT":
             self._lfs[path.rsplit("/", 1)[1]] = await request.body()
             return Response(status_code=200)
@@ -254,4 +256,5 @@ class FakeHub:
             written.append(value["path"])
         self.commits.append({"repo": repo, "summary": summary, "files": written})
         sha = revision_of(root)
-        return JSONResponse({"commitUrl": f"{self.url}/{repo}/commit/{sha}", "commitOid": sha})
+        # the real hub answers with its public URL
+        return JSONResponse({"commitUrl": f"https://huggingface.co/{repo}/commit/{sha}", "commitOid": sha})

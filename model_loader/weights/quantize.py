@@ -253,6 +253,7 @@ def run_job(
     timer.daemon = True
     timer.start()
     lines: collections.deque[str] = collections.deque(maxlen=200)
+    last = ""
     try:
         for raw in p.stdout:
             line = raw.rstrip()
@@ -261,8 +262,9 @@ def run_job(
             lines.append(line)
             log.info("auto_awq: %s", line)
             shown = progress_line(line, layers)
-            if shown:
+            if shown and shown != last:
                 progress(shown)
+                last = shown
         p.wait()
     finally:
         timer.cancel()
