@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 log = logging.getLogger("app")
+A10_GIB = 22.5  # what an A10 offers (nvidia-smi: 23,028 MiB), the card OpenXLab lends
 
 
 def configure_logging(level: str) -> None:
@@ -58,22 +59,26 @@ def make_plan(cfg, gpu_mem_gib: float):
     return planner.best_plan(planned_specs(cfg), total, free, cfg.kv_ratio, cfg.load_order, used_mib=used)
 
 
-def run_check(cfg, env: Mapping[str, str]) -> int:
-    """--check: resolve and validate both models, print the memory plan; 0 when all is well, else 1."""
-    from model_loader.errors import AppError  # noqa: PLC0415
+def run_check(cfg, env: Mapping[str, str], download: bool = False) -> int:
+    """--check: resolve and validate both models (fetching nothing unless `download`), print the memory plan;
+    0 when all is well, else 1. A model not downloaded yet is reported, not failed: it comes at the first start."""
+    from model_loader.errors import AppError, NotDownloaded  # noqa: PLC0415
     from model_loader.memory import planner  # noqa: PLC0415
     from model_loader.weights.resolve import resolve_text, resolve_vision  # noqa: PLC0415
 
     ok = True
-    for kind, enabled, resolve in (("text", cfg.enable_text, resolve_text), ("vision", cfg.enable_vision, resolve_vision)):
+    for kind, enabled in (("text", cfg.enable_text), ("vision", cfg.enable_vision)):
         if not enabled:
             continue
         try:
             if kind == "text":
-                r = resolve(cfg, env, log.info, quantize=_no_quantize)
+                r = resolve_text(cfg, env, log.info, quantize=_no_quantize(cfg), download_ok=download)
             else:
-                r = resolve(cfg, env, log.info)
+                r = resolve_vision(cfg, env, log.info, download_ok=download)
             print(f"[ok] {kind} model: {r.path} ({r.source})")
+        except NotDownloaded as e:
+            print(f"[--] {kind} model: {e.message}")
+            print(f"       {e.hint}")
         except AppError as e:
             ok = False
             print(f"[FAIL] {kind} model: {e.message}")
@@ -81,8 +86,8 @@ def run_check(cfg, env: Mapping[str, str]) -> int:
                 print(f"       - {p}")
             if e.hint:
                 print(f"       what to do: {e.hint}")
-    # without a GPU (and no --gpu-mem), plan for the 24 GB card this app is made for
-    gpu_gib = cfg.gpu_mem_gib or (0.0 if _has_gpu() else 24.0)
+    # without a GPU (and no --gpu-mem), plan for the A10 (22.5 GiB) this app is made for
+    gpu_gib = cfg.gpu_mem_gib or (0.0 if _has_gpu() else A10_GIB)
     plan = make_plan(cfg, gpu_gib)
     if plan is not None:
         print(planner.format_plan(plan))
@@ -96,13 +101,48 @@ def _has_gpu() -> bool:
     return gpu_memory() is not None
 
 
-def _no_quantize(src, progress=None):
-    """--check never quantizes: it reports that the fp16 model would be quantized at start-up."""
-    from model_loader.weights.quantize import awq_dir_for  # noqa: PLC0415
+def _no_quantize(cfg):
+    """--check never quantizes: it says where the fp16 model's 4-bit version is, or will be."""
+    from model_loader.weights.quantize import awq_dir_for, source_identity  # noqa: PLC0415
+    from model_loader.weights.validation import text_model_problems  # noqa: PLC0415
 
-    dst = awq_dir_for(src)
-    print(f"[info] {src} is fp16: it will be quantized to 4-bit AWQ into {dst} at the first start")
-    return src
+    def quantize(src, progress=None):
+        name = src.repo.rsplit("/", 1)[-1] if src.repo else src.path.name
+        dst = awq_dir_for(cfg.cache_path, name, source_identity(src.path, src.revision))
+        if dst.is_dir() and not text_model_problems(dst, require_awq=True):
+            print(f"[info] {src.path} is fp16; its 4-bit AWQ version, quantized earlier, is at {dst}")
+            return dst
+        print(f"[info] {src.path} is fp16: it will be quantized to 4-bit AWQ into {dst} at the first start")
+        return src.path
+
+    return quantize
+
+
+def quantize_only(cfg, env: Mapping[str, str], push_repo: str | None) -> int:
+    """--quantize-only: get the text model as 4-bit AWQ (quantizing it once), print where it is, optionally upload."""
+    from model_loader.weights.publish import push_to_hub  # noqa: PLC0415
+    from model_loader.weights.resolve import resolve_text  # noqa: PLC0415
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    r = resolve_text(cfg, env, say, quantize=None if _has_gpu() else _needs_gpu, download_ok=True)
+    print(f"4-bit AWQ model: {r.path}")
+    if push_repo:
+        calib = f"the local file {os.path.basename(cfg.calib_file)}" if cfg.calib_file else "wikitext2"
+        url = push_to_hub(r.path, push_repo, env, source=r.repo or cfg.text_model, calib=calib)
+        print(f"Uploaded to {url}")
+        print(f"Deploy with it: APP_TEXT_AWQ_REPO={push_repo} (the app downloads it instead of quantizing)")
+    return 0
+
+
+def _needs_gpu(src, progress=None):
+    from model_loader.errors import NoGPU  # noqa: PLC0415
+
+    raise NoGPU(
+        f"{src.path} is fp16, and quantizing it with lmdeploy's auto_awq needs an NVIDIA GPU; none is visible.",
+        "Run --quantize-only on a machine with a GPU (any with 8 GB), then --push-to-hub and set APP_TEXT_AWQ_REPO.",
+    )
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -118,14 +158,23 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 2
     configure_logging(cfg.log_level)
     log.info("settings: %s", cfg.redacted())
+    if ns.push_to_hub and not ns.quantize_only:
+        print("error: --push-to-hub goes with --quantize-only.", file=sys.stderr)
+        return 2
     if ns.check:
-        return run_check(cfg, env)
+        return run_check(cfg, env, download=ns.download)
+    if ns.quantize_only:
+        try:
+            return quantize_only(cfg, env, ns.push_to_hub)
+        except AppError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if ns.plan:
         from model_loader.memory import planner  # noqa: PLC0415
 
         plan = make_plan(cfg, cfg.gpu_mem_gib)
         if plan is None:
-            print("No NVIDIA GPU found: pass --gpu-mem GIB (e.g. --gpu-mem 24 for an A10).", file=sys.stderr)
+            print(f"No NVIDIA GPU found: pass --gpu-mem GIB (e.g. --gpu-mem {A10_GIB} for an A10).", file=sys.stderr)
             return 2
         print(planner.format_plan(plan))
         return 0 if plan.fits else 1

@@ -180,7 +180,7 @@ def from_env(env: Mapping[str, str], **overrides: object) -> AppConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags for every setting, plus the app's actions (--check, --plan)."""
+    """Flags for every setting, plus the app's actions (--check, --plan, --quantize-only)."""
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="Chat with InternLM2-Chat-1.8B (4-bit AWQ) and ask LLaVA about images, served by LMDeploy "
@@ -188,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", action="store_true", help="Resolve and validate both models, print the memory plan, exit.")
     p.add_argument("--plan", action="store_true", help="Print the GPU memory plan and exit (1 if the models do not fit).")
+    p.add_argument("--download", action="store_true", help="With --check: download what is missing (else nothing is fetched).")
+    p.add_argument(
+        "--quantize-only", action="store_true", help="Get the text model as 4-bit AWQ (quantizing it once), print where, exit."
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="With --quantize-only: upload the 4-bit model to this Hugging Face repo (token from HF_TOKEN).",
+    )
     p.add_argument("--server-url", default=None, help="Shorthand: the same api_server URL for both models.")
     for s in SETTINGS:
         help_text = f"{s.help} [env {s.env}; default {s.default!r}]"

@@ -23,6 +23,10 @@ class WeightsMissing(AppError):
     """The model could not be found locally nor fetched from any hub."""
 
 
+class NotDownloaded(WeightsMissing):
+    """--check without --download: the model is not on this machine yet (not a failure, it comes at start-up)."""
+
+
 class WeightsInvalid(AppError):
     """Files are present but not loadable (truncated shard, wrong layout, bad quantization_config...)."""
 
@@ -43,12 +47,28 @@ class QuantizationFailed(AppError):
     """lmdeploy's auto_awq did not produce a checkpoint."""
 
 
+class CalibrationDataUnavailable(QuantizationFailed):
+    """The calibration text (wikitext2 from the hub, or --calib-file) could not be loaded."""
+
+
+class QuantizationOutOfMemory(QuantizationFailed):
+    """Quantizing ran out of GPU memory or RAM."""
+
+
+class PublishFailed(AppError):
+    """--push-to-hub could not upload the quantized model."""
+
+
 class DoesNotFit(AppError):
     """The memory planner predicts that the engines do not fit on the GPU."""
 
 
 class EngineFailed(AppError):
     """An engine could not be built or broke while serving."""
+
+
+class DriverTooOld(EngineFailed):
+    """The NVIDIA driver is older than the CUDA that lmdeploy's TurboMind was built for."""
 
 
 class NoGPU(AppError):

@@ -1,36 +1,79 @@
 """Bring the engines up in the background while the UI is already serving, one slot per engine.
 
-Each slot says what it is doing (downloading, quantizing, loading), then holds a ready engine or the reason it
-failed; one engine failing leaves the other usable.
+Both models are fetched at once (one thread each). Each slot says what it is doing (downloading 42%, quantizing
+layer 7/24, loading), then holds a ready engine or the reason it failed; one engine failing leaves the other usable.
+Engines are built one at a time, as soon as their model is ready: the small text model usually arrives first, and
+is built with the KV ratio that leaves LLaVA exactly the room the memory plan gives it (planner.ratios_for_order),
+so the Chat tab answers while LLaVA is still downloading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
-from model_loader.errors import AppError, DoesNotFit
+from model_loader.errors import AppError, DoesNotFit, DriverTooOld
 from model_loader.memory import planner
 from model_loader.memory.gpu import gpu_memory
 
 log = logging.getLogger(__name__)
 
+# What lmdeploy 0.11.1's TurboMind says when the NVIDIA driver is older than the CUDA 12.1+ it links against
+OLD_DRIVER_SIGNS = ("cuMulticast", "CUDA driver version is insufficient", "cudaErrorInsufficientDriver")
+MIN_DRIVER = "535"
+
+Resolver = Callable[[AppConfig, Mapping[str, str], Callable[[str], None]], object]
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version as NVML reports it, or '' when unknown."""
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML: the message just does not name the version
+        return ""
+
+
+def engine_error(kind: str, e: BaseException) -> AppError | None:
+    """A named error for an engine that failed to build in a way the user can fix; None for anything else."""
+    text = f"{type(e).__name__}: {e}"
+    if any(sign in text for sign in OLD_DRIVER_SIGNS):
+        found = driver_version()
+        return DriverTooOld(
+            f"The {kind} engine cannot start: lmdeploy 0.11.1's TurboMind needs NVIDIA driver {MIN_DRIVER} or newer "
+            f"(CUDA 12.1+; it links cuMulticast* driver symbols), and this machine has "
+            f"{'driver ' + found if found else 'an older driver'} ({str(e)[:160]}).",
+            f"Update the NVIDIA driver to {MIN_DRIVER} or newer (check with nvidia-smi), choose a machine that has it, "
+            "or serve the models elsewhere and start this app with --backend api_server --server-url URL.",
+        )
+    return None
+
 
 @dataclass
 class Startup:
-    """The slots, the memory plan, and the thread that fills them."""
+    """The slots, the memory plan, and the threads that fill them."""
 
     cfg: AppConfig
     env: Mapping[str, str]
     slots: dict[str, EngineSlot] = field(default_factory=dict)
     plan: planner.Plan | None = None
     started_at: float = field(default_factory=time.time)
+    ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -59,10 +102,11 @@ class Startup:
         from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
 
         urls = {"text": self.cfg.text_server_url, "vision": self.cfg.vision_server_url}
+        models = {"text": self.cfg.text_server_model, "vision": self.cfg.vision_server_model}
         for kind, slot in self._enabled():
             slot.state = "loading"
             slot.say(f"Connecting to {urls[kind]} ...")
-            eng = ApiServerEngine(kind, urls[kind])
+            eng = ApiServerEngine(kind, urls[kind], model=models[kind])
             try:
                 asyncio.run(eng.connect())
             except AppError as e:
@@ -92,50 +136,142 @@ class Startup:
     def _enabled(self):
         return [(k, s) for k, s in self.slots.items() if s.state != "disabled"]
 
+    # --- in-process engines ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolver(kind: str) -> Resolver:
+        from model_loader.weights import resolve  # noqa: PLC0415
+
+        return resolve.resolve_text if kind == "text" else resolve.resolve_vision
+
+    def _fetch(self, kind: str, done: queue.Queue) -> None:
+        """Download (and for fp16 text, quantize) one model; report the result or the error to the builder."""
+        slot = self.slots[kind]
+        slot.state = "preparing"
+
+        def progress(message: str) -> None:
+            if slot.state != "failed":  # a slot failed by the plan keeps saying why
+                slot.say(message)
+
+        try:
+            done.put((kind, self._resolver(kind)(self.cfg, self.env, progress)))
+        except BaseException as e:  # noqa: BLE001 - handed to the builder thread, which fails the slot
+            done.put((kind, e))
+
+    def _expected_spec(self, kind: str) -> planner.ModelSpec:
+        """The shape of a model not here yet: its config.json when it is a local folder, else the default model's."""
+        ref = os.path.expanduser(self.cfg.text_model if kind == "text" else self.cfg.vision_model)
+        if os.path.isfile(os.path.join(ref, "config.json")):
+            spec = planner.spec_from_path(ref, os.path.basename(ref))
+            if kind == "vision" or spec.weights_mib <= planner.INTERNLM2_1_8B_AWQ.weights_mib * 1.5:
+                return spec
+        return planner.INTERNLM2_1_8B_AWQ if kind == "text" else planner.LLAVA_1_5_7B
+
     def _build_in_process(self) -> None:
-        from model_loader.weights.resolve import resolve_text, resolve_vision  # noqa: PLC0415
+        done: queue.Queue = queue.Queue()
+        kinds = [k for k, _ in self._enabled()]
+        mem = gpu_memory()  # before anything runs: a quantization job on the GPU must not shrink the plan
+        for kind in kinds:
+            threading.Thread(target=self._fetch, args=(kind, done), name=f"fetch-{kind}", daemon=True).start()
+        resolved: dict = {}
+        pending, finished = set(kinds), set()  # finished: built or failed
+        specs: dict[str, planner.ModelSpec] = {}
+        while pending or set(resolved) - finished:
+            if pending:
+                kind, result = done.get()
+                pending.discard(kind)
+                if isinstance(result, BaseException):
+                    self._fail_fetch(kind, result)
+                    finished.add(kind)
+                else:
+                    resolved[kind] = result
+                    specs[kind] = planner.spec_from_path(result.path, result.path.name)
+            if mem and self.plan is None and resolved and not self._make_plan(mem, kinds, specs, finished):
+                return
+            while (kind := self._next_to_build(kinds, resolved, finished, specs)) is not None:
+                self._build(kind, resolved[kind])
+                finished.add(kind)
+            if not pending:
+                for kind in set(resolved) - finished:  # the engine it waited for failed: build it now
+                    self._build(kind, resolved[kind])
+                    finished.add(kind)
+
+    def _fail_fetch(self, kind: str, e: BaseException) -> None:
+        slot = self.slots[kind]
+        if isinstance(e, AppError):
+            slot.state, slot.message = "failed", str(e)
+        else:
+            log.error("preparing the %s model failed", kind, exc_info=e)
+            slot.state, slot.message = "failed", f"Preparing the {kind} model failed: {e}"
+
+    def _make_plan(self, mem, kinds, specs, finished) -> bool:
+        """Plan the card once the first model is here (the others' shapes are known ahead); False if nothing fits."""
+        all_specs = [specs.get(k) or self._expected_spec(k) for k in kinds if k in specs or k not in finished]
+        self.plan = planner.best_plan(
+            all_specs, mem.total_mib, mem.free_mib, self.cfg.kv_ratio, self.cfg.load_order, used_mib=mem.used_mib
+        )
+        log.info("memory plan:\n%s", planner.format_plan(self.plan))
+        if self.plan.fits:
+            return True
+        err = DoesNotFit("The models do not fit on this GPU at this KV ratio.", "Ways out: " + "; ".join(self.plan.advice))
+        for _, slot in self._enabled():
+            if slot.state != "failed":
+                slot.state, slot.message = "failed", str(err)
+        return False
+
+    def _next_to_build(self, kinds, resolved, finished, specs) -> str | None:
+        """The next engine to build now, or None to wait for a download.
+
+        In plan order; but when the planned-first model is still downloading and nothing is built yet, a model that
+        is here goes first with ratios that end where the plan ends.
+        """
+        ready = [k for k in resolved if k not in finished]
+        if not ready:
+            return None
+        if self.plan is None:
+            return ready[0]
+        order = [k for k in self.plan.order if k not in finished and self.slots[k].state != "failed"]
+        plan_specs = [specs.get(k) or self._expected_spec(k) for k in self.plan.order]
+        if not order or order[0] in ready:
+            kind = order[0] if order else ready[0]
+            if self.ratios:  # out of the plan's order: this one's ratio from its real shape, as the plan ends
+                built = [k for k in self.ratios if self.slots[k].engine is not None]
+                again = planner.ratios_for_order(plan_specs, self.plan, built + [kind])
+                if again:
+                    self.ratios[kind] = again[kind]
+            return kind
+        if finished or self.ratios:
+            return None
+        kind = ready[0]
+        ratios = planner.ratios_for_order(plan_specs, self.plan, [kind] + [k for k in order if k != kind])
+        if ratios is None:
+            self.slots[kind].say(f"Waiting for the {order[0]} model: the memory plan builds it first ...")
+            return None
+        self.ratios = ratios
+        log.info("building %s before %s with KV ratios %s", kind, order[0], ratios)
+        return kind
+
+    def _build(self, kind: str, r) -> None:
+        from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
         from model_loader.weights.validation import vision_engine_kind  # noqa: PLC0415
 
-        resolved = {}
-        for kind, slot in self._enabled():
-            slot.state = "preparing"
-            try:
-                r = (resolve_text if kind == "text" else resolve_vision)(self.cfg, self.env, slot.say)
-            except AppError as e:
-                slot.state, slot.message = "failed", str(e)
-                continue
-            resolved[kind] = r
-        specs = [planner.spec_from_path(r.path, r.path.name) for r in resolved.values()]
-        mem = gpu_memory()
-        if mem and specs:
-            self.plan = planner.best_plan(
-                specs, mem.total_mib, mem.free_mib, self.cfg.kv_ratio, self.cfg.load_order, used_mib=mem.used_mib
-            )
-            log.info("memory plan:\n%s", planner.format_plan(self.plan))
-            if not self.plan.fits:
-                err = DoesNotFit(
-                    "The models do not fit on this GPU at this KV ratio.", "Ways out: " + "; ".join(self.plan.advice)
-                )
-                for kind in resolved:
-                    self.slots[kind].state, self.slots[kind].message = "failed", str(err)
-                return
-            order = list(self.plan.order)
-        else:
-            order = sorted(resolved, key=lambda k: k != "vision")
-        from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
-
-        for kind in order:
-            slot, r = self.slots[kind], resolved[kind]
-            slot.state = "loading"
-            backend = "turbomind" if kind == "text" else vision_engine_kind(r.path)
-            slot.say(f"Loading {r.path.name} on {backend} ...")
-            try:
-                eng = LmdeployEngine.build(kind, r.path, self.cfg, backend=backend, awq=kind == "text", source=r.source)
-            except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
-                log.exception("building the %s engine failed", kind)
-                slot.state, slot.message = "failed", f"The {kind} engine failed to start: {e}"
-                continue
-            after = gpu_memory()
-            slot.used_mib_after = after.used_mib if after else 0.0
-            slot.engine, slot.state = eng, "ready"
-            slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")
+        slot = self.slots[kind]
+        if slot.state == "failed":
+            return
+        slot.state = "loading"
+        backend = "turbomind" if kind == "text" else vision_engine_kind(r.path)
+        ratio = self.ratios.get(kind, self.cfg.kv_ratio)
+        self.ratios[kind] = ratio
+        cfg = self.cfg if ratio == self.cfg.kv_ratio else dataclasses.replace(self.cfg, kv_ratio=ratio)
+        slot.say(f"Loading {r.path.name} on {backend} (KV ratio {ratio:.3f}) ...")
+        try:
+            eng = LmdeployEngine.build(kind, r.path, cfg, backend=backend, awq=kind == "text", source=r.source)
+        except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
+            log.exception("building the %s engine failed", kind)
+            named = engine_error(kind, e)
+            slot.state, slot.message = "failed", str(named) if named else f"The {kind} engine failed to start: {e}"
+            return
+        after = gpu_memory()
+        slot.used_mib_after = after.used_mib if after else 0.0
+        slot.engine, slot.state = eng, "ready"
+        slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")

@@ -13,10 +13,15 @@ import argparse
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# The project's own minimal InternLM2 modeling code, shipped in every synthetic InternLM2 checkpoint
+INTERNLM2_CODE_DIR = Path(__file__).parent / "internlm2_code"
+INTERNLM2_CODE = ("configuration_internlm2.py", "modeling_internlm2.py")
 
 INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
@@ -105,7 +110,11 @@ def _train_tokenizer(out: Path, vocab: int, specials: list[str], extra_specials:
 
 
 def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq", device: str | None = None) -> Path:
-    """Write an InternLM2-Chat-1.8B-shaped checkpoint (AWQ 4-bit gemm or fp16) to `out`."""
+    """Write an InternLM2-Chat-1.8B-shaped checkpoint (AWQ 4-bit gemm or fp16) to `out`.
+
+    Both ship the InternLM2 modeling code, so the fp16 one loads in transformers (trust_remote_code) and lmdeploy's
+    auto_awq can calibrate it.
+    """
     torch = _torch()
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -120,7 +129,11 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
     cfg = dict(
         architectures=["InternLM2ForCausalLM"],
         model_type="internlm2",
-        auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"},
+        auto_map={
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        },
         hidden_size=s.hidden,
         intermediate_size=s.intermediate,
         num_attention_heads=s.heads,
@@ -142,10 +155,8 @@ def write_internlm2(out: str | os.PathLike, size: str = "full", fmt: str = "awq"
     if fmt == "awq":
         cfg["quantization_config"] = dict(quant_method="awq", bits=4, group_size=s.group, version="gemm", zero_point=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "configuration_internlm2.py").write_text(
-        "from transformers import PretrainedConfig\n\n\nclass InternLM2Config(PretrainedConfig):\n"
-        '    model_type = "internlm2"\n\n    def __init__(self, **kw):\n        super().__init__(**kw)\n'
-    )
+    for name in INTERNLM2_CODE:  # transformers loads these with trust_remote_code, as it does the real model's
+        shutil.copyfile(INTERNLM2_CODE_DIR / name, out / name)
     g = torch.Generator(device=dev).manual_seed(0)
 
     def lin(k: int, n: int) -> dict:
@@ -328,6 +339,20 @@ def write_llava(out: str | os.PathLike, size: str = "full", device: str | None =
         )
     )
     log.info("wrote %s (%.2f GiB)", out, _size(out) / 2**30)
+    return out
+
+
+def write_wikitext(out: str | os.PathLike, lines: list[str], config: str = "wikitext-2-raw-v1") -> Path:
+    """A dataset repo laid out as the hub's `wikitext` (parquet per split, configs in README.md) for the fake hub."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    out = Path(out)
+    (out / config).mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test", "validation"):
+        pq.write_table(pa.table({"text": list(lines)}), out / config / f"{split}-00000-of-00001.parquet")
+    splits = "".join(f"  - split: {sp}\n    path: {config}/{sp}-*\n" for sp in ("train", "test", "validation"))
+    (out / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{splits}---\n")
     return out
 
 

@@ -33,11 +33,13 @@ def test_cut_off_download_resumes_and_validates(hub, tiny_models, tmp_path, monk
     hub.cut_once.add(shard)
     monkeypatch.setattr(sources, "git_download", lambda *a, **k: (_ for _ in ()).throw(OSError("no git here")))
     cfg = AppConfig(vision_model="llava-hf/llava-tiny", cache_dir=str(tmp_path))
-    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token"}
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HOME": str(tmp_path / "hf")}
     try:
         r = resolve_vision(cfg, env)
     except (WeightsInvalid, Exception):  # noqa: BLE001 - the first run may fail on the dropped connection
-        assert not sources.is_complete(sources.cache_dir_for(tmp_path, "llava-hf/llava-tiny"))
+        assert sources.hf_cached("llava-hf/llava-tiny", env) is None or vision_model_problems(
+            sources.hf_cached("llava-hf/llava-tiny", env)
+        )
         r = resolve_vision(cfg, env)  # running again resumes
     assert vision_model_problems(r.path) == []
     gets = [rng for method, path, rng in hub.requests if method == "GET" and path == shard]
@@ -49,11 +51,40 @@ def test_cut_off_download_resumes_and_validates(hub, tiny_models, tmp_path, monk
 
 def test_cached_model_starts_with_the_hub_gone(hub, tmp_path):
     cfg = AppConfig(vision_model="llava-hf/llava-tiny", cache_dir=str(tmp_path))
-    env = {"HF_ENDPOINT": hub.url}
-    assert resolve_vision(cfg, env).source == "hf"
+    home = str(tmp_path / "hf")
+    assert resolve_vision(cfg, {"HF_ENDPOINT": hub.url, "HF_HOME": home}).source == "hf"
     hub.server.should_exit = True
-    r = resolve_vision(cfg, {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
-    assert r.source == "cache" and vision_model_problems(r.path) == []
+    for env in ({"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": home}, {"HF_HUB_OFFLINE": "1", "HF_HOME": home}):
+        r = resolve_vision(cfg, env)
+        assert r.source == "cache" and vision_model_problems(r.path) == []
+
+
+def test_download_progress_is_reported_in_percent(hub, tmp_path, monkeypatch):
+    """The banner shows how far the download is; the watcher counts the bytes landing in huggingface_hub's blobs."""
+    import time
+
+    from model_loader.weights.sources import DownloadWatcher
+
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 4 * 1024)
+    said: list[str] = []
+    real = DownloadWatcher.__init__
+    monkeypatch.setattr(DownloadWatcher, "__init__", lambda self, *a, **k: real(self, *a, **{**k, "every_s": 0.05}))
+    slow = hub.resolve
+
+    async def slowly(request, root, rest):  # a slow link: the shard trickles in
+        import asyncio
+
+        if rest.endswith(".safetensors"):
+            await asyncio.sleep(0.5)
+        return await slow(request, root, rest)
+
+    monkeypatch.setattr(hub, "resolve", slowly)
+    cfg = AppConfig(vision_model="llava-hf/llava-tiny", cache_dir=str(tmp_path))
+    resolve_vision(cfg, {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}, said.append)
+    time.sleep(0.1)
+    pct = [m for m in said if m.startswith("Downloading llava-hf/llava-tiny:") and "%" in m]
+    assert pct, said
+    assert "0%" in pct[0] or int(pct[0].split(":")[1].split("%")[0]) < 100
 
 
 def test_unknown_repo_is_a_clear_error(hub, tmp_path, monkeypatch):

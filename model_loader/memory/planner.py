@@ -251,6 +251,28 @@ def best_plan(
     )
 
 
+def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> dict[str, float] | None:
+    """KV ratios that build the engines in `order` yet end with the memory `plan` gives each (same KV caches).
+
+    TurboMind sizes an engine's KV cache as ratio x what is free when it is built, so an engine built earlier than
+    planned must ask for a smaller ratio, and the next one then for what the plan gave it out of what is left. Lets
+    the text engine come up first (its download is small) while LLaVA still downloads, ending as the plan ends.
+    None when some engine would need a ratio outside (0, 1).
+    """
+    planned = {e.kind: e for e in plan.engines}
+    by_kind = {s.kind: s for s in specs}
+    free = plan.free_at_start_mib - CUDA_CONTEXT_MIB
+    ratios = {}
+    for kind in order:
+        e, s = planned[kind], by_kind[kind]
+        room = free - s.weights_mib - s.pre_kv_mib
+        if free - s.weights_mib - max(s.pre_kv_mib, s.runtime_mib) <= 0 or room <= 0 or not 0 < e.kv_mib / room < 1:
+            return None
+        ratios[kind] = e.kv_mib / room
+        free -= e.total_mib
+    return ratios
+
+
 def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:
     """The ways out when the engines do not fit, each checked with the planner itself."""
     out = []
