@@ -24,7 +24,7 @@ import traceback
 from datetime import date
 
 from bench.runs import OUT, TEXT, VISION, ballast, save
-from bench.workload import blocks_from_log, history_of, match_blocks, question, summarize
+from bench.workload import blocks_from_log, match_blocks, one_turn, seam_users, summarize
 
 FREE_GIB = 22.5
 PORT = 7861
@@ -80,56 +80,6 @@ def planned(kv: str) -> dict:
         "engines": engines,
         "text": planner.format_plan(plan),
     }
-
-
-async def one_turn(engine, sid: int, messages: list[dict], settings) -> dict:
-    """One reply through the engine seam: first text (ms), tokens, error, and the reply's text."""
-    from model_loader.engines.seam import Delta  # noqa: PLC0415
-
-    t0 = time.perf_counter()
-    first, text, stats = None, "", None
-    try:
-        async for item in engine.stream(sid, messages, settings):
-            if isinstance(item, Delta):
-                first = first or time.perf_counter()
-                text += item.text
-            else:
-                stats = item
-    except Exception as e:  # noqa: BLE001 - a failed turn is a result, not the end of the bench
-        return {"first_ms": None, "tokens": 0, "error": repr(e)[:200], "text": ""}
-    error = "" if stats and stats.finish_reason in ("length", "stop") else (stats.error if stats else "no stats") or "error"
-    return {
-        "first_ms": None if first is None else 1000 * (first - t0),
-        "tokens": stats.output_tokens if stats else 0,
-        "error": error,
-        "text": text,
-    }
-
-
-async def seam_users(engine, users: int, history_tokens: int, turns: int, new_tokens: int, timeout_s: float) -> dict:
-    """`users` people at once, each with their own conversation of `history_tokens`, taking `turns` turns."""
-    from model_loader.engines.seam import GenSettings  # noqa: PLC0415
-
-    settings = GenSettings(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    histories = [history_of(u, history_tokens, engine.count_tokens) for u in range(users)]
-
-    async def user(u: int) -> list[dict]:
-        hist, out = histories[u], []
-        for t in range(turns):
-            hist = hist + [question(u, t)]
-            r = await one_turn(engine, 10_000 * (history_tokens + 1) + 100 * u + t, hist, settings)
-            out.append({**r, "turn": t})
-            hist = hist + [{"role": "assistant", "content": r.pop("text") or "..."}]
-        return out
-
-    t0 = time.perf_counter()
-    per_user = await asyncio.wait_for(asyncio.gather(*[user(u) for u in range(users)]), timeout_s)
-    wall = time.perf_counter() - t0
-    flat = [t for ts in per_user for t in ts]
-    res = summarize(flat, wall)
-    res["first_ms_median_turn1"] = summarize([t for t in flat if t["turn"] == 0], wall)["first_ms_median"]
-    res["prompt_tokens_turn1"] = engine.count_tokens(histories[0] + [question(0, 0)])
-    return res
 
 
 def turbomind_metrics(engine) -> dict:

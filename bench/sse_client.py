@@ -16,6 +16,8 @@ import uuid
 import httpx
 from gradio_client.utils import apply_diff
 
+from bench.workload import history_of, question
+
 STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
 
 
@@ -297,7 +299,7 @@ async def users_on_pages(
                 loads.append(out_load)
             history = list((histories or [[]] * users)[i])
             for t in range(turns):
-                r = await page.turn(history, f"User {i}, turn {t}: tell me more about the city, in detail.", max_new)
+                r = await page.turn(history, question(i, t)["content"], max_new)
                 history = r.pop("history")
                 r["turn"] = t
                 out.append(r)
@@ -312,8 +314,6 @@ async def users_on_pages(
 
 async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:
     """a10_capacity --via app: users with `history_tokens` of earlier conversation on their page, `turns` turns."""
-    from bench.workload import history_of  # noqa: PLC0415
-
     histories = [text_history(history_of(u, history_tokens, count_tokens)) for u in range(users)]
     turns_out, wall, _ = await users_on_pages(url, users, turns, max_new, histories)
     return turns_out, wall
