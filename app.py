@@ -56,7 +56,7 @@ def make_plan(cfg, gpu_mem_gib: float):
         if mem is None:
             return None
         total, free, used = mem.total_mib, mem.free_mib, mem.used_mib
-    return planner.best_plan(planned_specs(cfg), total, free, cfg.kv_ratio, cfg.load_order, used_mib=used)
+    return planner.plan_for_config(cfg, planned_specs(cfg), total, free, used)
 
 
 def run_check(cfg, env: Mapping[str, str], download: bool = False) -> int:

@@ -1,5 +1,6 @@
 """The whole benchmark in one run on a CUDA machine: engines, planner and A10 ballast, then the app against the
-raw pipeline. Results land in $OUT (default bench/out): engines.json, app.json, bench.md, bench.png.
+raw engine like for like (bench_app's defaults: 5 runs). Results land in $OUT (default bench/out): engines.json,
+app.json, bench.md, bench.png. The A10 capacity bench runs on its own: `python -m bench.a10_capacity`.
 
     python -m bench [--skip-ratios] [--skip-a10]
 """

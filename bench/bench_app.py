@@ -1,270 +1,259 @@
-"""The running app against the raw engine, in one run on a CUDA machine.
+"""The running app against the raw engine, like for like, on one GPU.
 
-Starts the app (`python -m bench.serve`, so every reply is max_new_tokens long, as the raw numbers are) over
-the full-size synthetic checkpoints, drives it as a browser would (streaming, one asyncio SSE stream per
-user, bench/sse_client.py; gradio_client for the functional checks), then measures the raw lmdeploy pipeline on
-the same GPU. Writes $OUT/app.json, a Markdown table ($OUT/bench.md) and a chart ($OUT/bench.png).
+    python -m bench.bench_app [--runs 5] [--users 1,8,16,32] [--turns 3] [--new-tokens 256] [--burst 32]
+                              [--api-server] [--no-image]
 
-    python -m bench.bench_app
+1. The app (`python -m bench.serve`: every reply is --new-tokens long) over the full-size synthetic checkpoints,
+   with users as browsers (bench/sse_client.py Page): each opens the page once, which makes its session, then takes
+   --turns turns on it. Median and range over --runs runs for each user count.
+2. A burst of --burst brand-new visitors at once: page load, then the first message.
+3. The raw reference in a fresh process (bench/raw_reference.py): the app's engine config and the same
+   conversations as N concurrent async `generate` streams in one process.
+4. With --api-server, `lmdeploy serve api_server` with the same engine settings, driven by the app's own async
+   client (ApiServerEngine) with the same conversations.
+Writes $OUT/app.json, $OUT/bench.md and $OUT/bench.png, and prints the table.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
-import re
-import statistics
 import subprocess
 import sys
 import time
 from datetime import date
 
 from bench.runs import OUT, TEXT, VISION, save
-from bench.sse_client import assistant_text, chat_users, conversations, disconnect_midstream, image_users
-from model_loader.memory.gpu import gpu_memory
+from bench.sse_client import image_users, users_on_pages, wait_ready
+from bench.workload import seam_users, spread, summarize
 
 PORT = 7860
 URL = f"http://127.0.0.1:{PORT}/"
-STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
-R: dict = {}
+API_PORT = 23333
 
 
-def user_msg(text):
-    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_app")
+    ap.add_argument("--runs", type=int, default=5, help="repeats of every figure (median and range)")
+    ap.add_argument("--users", default="1,8,16,32", help="concurrent returning users, comma-separated")
+    ap.add_argument("--turns", type=int, default=3, help="turns per user after the page load")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--burst", type=int, default=32, help="brand-new visitors at once (0: skip)")
+    ap.add_argument("--api-server", action="store_true", help="also measure `lmdeploy serve api_server`")
+    ap.add_argument("--no-image", action="store_true", help="skip the image question")
+    a = ap.parse_args(argv)
+    a.users_list = [int(x) for x in a.users.split(",") if x]
+    return a
 
 
-def start_app():
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.serve",
-        "--text-model",
-        str(TEXT),
-        "--vision-model",
-        str(VISION),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-        "--log-level",
-        "WARNING",
-    ]
-    log = open(OUT / "app.log", "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    from gradio_client import Client
-
-    client, ui_s = None, None
-    while time.perf_counter() - t0 < 240:
-        try:
-            client = client or Client(URL, verbose=False)
-            ui_s = ui_s or time.perf_counter() - t0
-            st = client.predict(api_name="/status")
-            if all(v["state"] in ("ready", "failed", "disabled") for v in st.values()):
-                R["startup"] = {"ui_up_s": round(ui_s, 1), "ready_s": round(time.perf_counter() - t0, 1), "status": st}
-                return proc
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise RuntimeError("the app did not become ready in 240 s")
+def start_app(log_path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
+    cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            cmd, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
-def chat_once(client, text, max_new=256):
-    """One streamed reply through the UI's /chat route: client-side TTFT, tokens and tok/s from the stats line."""
-    t0 = time.perf_counter()
-    job = client.submit(user_msg(text), "", 0.0, 0.8, 40, max_new, 1.0, 0, api_name="/chat")
-    first = None
-    for update in job:
-        hist = update[0]
-        if first is None and hist and hist[-1].get("role") == "assistant":
-            content = hist[-1].get("content")
-            txt = content[0].get("text", "") if isinstance(content, list) and content else content
-            if txt:
-                first = time.perf_counter()
-    out = job.outputs()[-1]
-    end = time.perf_counter()
-    m = STATS.search(out[1] or "")
-    tokens = int(m.group(1)) if m else 0
-    return {
-        "client_ttft_ms": round(1000 * ((first or end) - t0), 1),
-        "tokens": tokens,
-        "engine_ttft_ms": int(m.group(3)) if m else None,
-        "total_s": end - t0,
-        "client_tok_s": round((tokens - 1) / (end - (first or t0)), 1) if tokens > 1 else 0,
-    }
+def client_minus_engine(turns: list[dict]) -> float | None:
+    """Median of (first text at the client - the engine's first token), ms: what the app adds to the wait."""
+    d = sorted(t["first_ms"] - t["engine_ttft_ms"] for t in turns if t.get("first_ms") and t.get("engine_ttft_ms") is not None)
+    return round(d[len(d) // 2], 1) if d else None
 
 
-def image_question(client):
-    """One image question through /image_chat (after a warm-up one): client first text and total time."""
-    from gradio_client import handle_file
-    from PIL import Image
+def app_runs(a: argparse.Namespace) -> dict:
+    """Returning users: --runs runs of every user count, interleaved; each run's summary kept."""
+    runs: dict[str, list] = {str(n): [] for n in a.users_list}
+    asyncio.run(users_on_pages(URL, 1, 1, 16))  # warm-up
+    for _ in range(a.runs):
+        for n in a.users_list:
+            turns, wall, loads = asyncio.run(users_on_pages(URL, n, a.turns, a.new_tokens))
+            s = summarize(turns, wall)
+            s["client_minus_engine_ms"] = client_minus_engine(turns)
+            s["updates_median"] = sorted(t["updates"] for t in turns)[len(turns) // 2]
+            s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
+            runs[str(n)].append(s)
+            print("APP", n, json.dumps(s), flush=True)
+    return runs
+
+
+def burst_runs(a: argparse.Namespace) -> list[dict]:
+    """Brand-new visitors at once: each loads the page (a new session) and sends its first message."""
+    out = []
+    for _ in range(a.runs):
+        turns, wall, loads = asyncio.run(users_on_pages(URL, a.burst, 1, a.new_tokens, new_visitors=True))
+        s = summarize(turns, wall)
+        s["page_load_ms_median"] = loads["page_load_ms"][len(loads["page_load_ms"]) // 2] if loads["page_load_ms"] else None
+        s["client_minus_engine_ms"] = client_minus_engine(turns)
+        out.append(s)
+        print("BURST", json.dumps(s), flush=True)
+    return out
+
+
+def image_question() -> dict:
+    from PIL import Image  # noqa: PLC0415
 
     p = OUT / "red.png"
     Image.new("RGB", (640, 480), (200, 30, 30)).save(p)
-    client.predict(handle_file(str(p)), [], api_name="/set_image")  # checks and converts the upload
-    hist = user_msg("What is in this image?")
-    out = {}
-    for run in ("cold", "warm"):
-        t0 = time.perf_counter()
-        job = client.submit(handle_file(str(p)), hist, 0.0, 64, api_name="/image_chat")
-        first = None
-        for update in job:
-            if first is None and assistant_text(update[0]):
-                first = time.perf_counter()
-        end = time.perf_counter()
-        out[run] = {
-            "client_ttft_ms": round(1000 * ((first or end) - t0), 1),
-            "total_s": round(end - t0, 2),
-            "stats": job.outputs()[-1][1],
-        }
-    out.update(out["warm"])
-    return out
+    runs = [asyncio.run(image_users(URL, 1, str(p))) for _ in range(3)]
+    warm = runs[-1]["users"][0]
+    return {"cold": runs[0]["users"][0], "client_ttft_ms": warm["client_ttft_ms"], "total_s": warm["total_s"]}
 
 
-def stop_check(client):
-    """Start a long reply, press Stop, and see the engine idle again."""
-    job = client.submit(user_msg("a long story please"), "", 0.0, 0.8, 40, 4000, 1.0, 0, api_name="/chat")
-    time.sleep(1.0)
-    client.predict(api_name="/stop")
-    time.sleep(1.0)
-    return {"status_after_stop": client.predict(api_name="/status"), "job_done": job.done()}
+def raw_reference(a: argparse.Namespace) -> dict:
+    """bench/raw_reference.py in a fresh process (the app is gone by then: the GPU is the raw engine's alone)."""
+    cmd = [sys.executable, "-m", "bench.raw_reference", "--runs", str(a.runs), "--users", a.users]
+    cmd += ["--turns", str(a.turns), "--new-tokens", str(a.new_tokens)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    for line in p.stdout.splitlines():
+        if line.startswith("RAW "):
+            return json.loads(line[4:])
+    return {"error": (p.stderr or p.stdout)[-1500:], "rc": p.returncode}
 
 
-def raw_numbers():
-    from lmdeploy import GenerationConfig, TurbomindEngineConfig, pipeline
+def api_server_reference(a: argparse.Namespace) -> dict:
+    """`lmdeploy serve api_server` with the app's engine settings, and the app's own client over it."""
+    import httpx  # noqa: PLC0415
 
-    pipe = pipeline(
-        str(TEXT),
-        backend_config=TurbomindEngineConfig(model_format="awq", cache_max_entry_count=0.1, session_len=8192, max_batch_size=32),
-        log_level="ERROR",
-    )
-    gen = GenerationConfig(max_new_tokens=256, ignore_eos=True)
-    pipe(["warm up"], gen_config=gen)
-    out = {}
-    ttfts, rates = [], []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        first = None
-        n = 0
-        for o in pipe.stream_infer(["Hi, please introduce yourself"], gen_config=gen):
-            if first is None and o.generate_token_len > 0:
-                first = time.perf_counter()
-            n = o.generate_token_len
-        end = time.perf_counter()
-        ttfts.append(1000 * (first - t0))
-        rates.append((n - 1) / (end - first))
-    out["b1_ttft_ms"] = round(statistics.median(ttfts[1:]), 1)
-    out["b1_tok_s"] = round(statistics.median(rates[1:]), 1)
-    for n in (8, 16, 32):
-        t0 = time.perf_counter()
-        res = pipe([f"user {i}: tell me a story" for i in range(n)], gen_config=gen)
-        out[f"b{n}_tok_s"] = round(sum(r.generate_token_len for r in res) / (time.perf_counter() - t0), 1)
-    pipe.close()
-    return out
+    from model_loader.config import AppConfig  # noqa: PLC0415
+    from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
+    from model_loader.engines.lmdeploy_config import turbomind_config  # noqa: PLC0415
 
-
-def write_report():
-    app, raw = R.get("app", {}), R.get("raw", {})
-    gpu = R.get("gpu", "GPU")
-    rows = [
-        ("batch-1 decode tokens/s", raw.get("b1_tok_s"), app.get("b1_tok_s"), "≥ 0.95"),
-        ("time to first token, ms", raw.get("b1_ttft_ms"), app.get("b1_client_ttft_ms"), "< raw + 50 ms"),
-    ]
-    for n in (8, 16, 32):
-        rows.append(
-            (
-                f"{n} users, aggregate tokens/s",
-                raw.get(f"b{n}_tok_s"),
-                app.get(f"n{n}", {}).get("agg_tok_s"),
-                "≥ 0.8" if n == 16 else "",
-            )
-        )
-    lines = [
-        f"Measured {date.today()} on {gpu}, lmdeploy 0.11.1 TurboMind, synthetic full-size InternLM2-Chat-1.8B "
-        "AWQ (256 new tokens per reply); app = `python app.py`, one browser-like SSE stream per user "
-        "(bench/sse_client.py).",
-        "",
-        "| measure | raw pipeline | through the app | app / raw | target |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r, a, target in rows:
-        ratio = f"{a / r:.2f}" if r and a and "ms" not in name else (f"+{a - r:.0f} ms" if r and a else "")
-        lines.append(f"| {name} | {r} | {a} | {ratio} | {target} |")
-    img = R.get("image", {})
-    lines.append(
-        f"| image question (640x480, 64 tokens, warm): first text at the client / total | | "
-        f"{img.get('client_ttft_ms')} ms / {img.get('total_s')} s | | |"
-    )
-    st = R.get("startup", {})
-    lines.append(
-        f"| start-up, weights on disk: UI up / both engines ready | | {st.get('ui_up_s')} s / {st.get('ready_s')} s | | |"
-    )
-    (OUT / "bench.md").write_text("\n".join(lines) + "\n")
+    e = turbomind_config(AppConfig(text_model=str(TEXT)), "text", awq=True)
+    cmd = [sys.executable, "-m", "lmdeploy", "serve", "api_server", str(TEXT), "--backend", "turbomind"]
+    cmd += ["--model-format", "awq", "--cache-max-entry-count", str(e.cache_max_entry_count), "--enable-prefix-caching"]
+    cmd += ["--max-batch-size", str(e.max_batch_size), "--session-len", str(e.session_len), "--quant-policy", str(e.quant_policy)]
+    cmd += ["--server-name", "127.0.0.1", "--server-port", str(API_PORT), "--log-level", "WARNING"]
+    with open(OUT / "api_server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{API_PORT}"
     try:
-        from bench.chart import draw
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 240:
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
 
-        draw(app, raw, R.get("engines_ratios") or [], gpu, OUT / "bench.png")
-    except Exception as e:  # noqa: BLE001
-        R["chart_error"] = repr(e)
+        async def everything() -> dict:
+            eng = ApiServerEngine("text", url)
+            await eng.connect()
+            await seam_users(eng, 1, 0, 1, 16, 60)
+            runs: dict[str, list] = {str(n): [] for n in a.users_list}
+            for _ in range(a.runs):
+                for n in a.users_list:
+                    runs[str(n)].append(await seam_users(eng, n, 0, a.turns, a.new_tokens, 300))
+            return runs
 
-
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    mem = gpu_memory()
-    R["gpu"] = mem.name if mem else "no GPU"
-    eng = OUT / "engines.json"
-    if eng.is_file():
-        R["engines_ratios"] = [r for r in json.loads(eng.read_text()).get("ratios", []) if r.get("prefix_caching")]
-    proc = start_app()
-    try:
-        from gradio_client import Client
-
-        c = Client(URL, verbose=False)
-        chat_once(c, "warm up")
-        R["app_gradio_client_b1"] = chat_once(c, "Hi, please introduce yourself")  # the library's own overhead
-        asyncio.run(chat_users(URL, 1))
-        b1 = [asyncio.run(chat_users(URL, 1))["users"][0] for _ in range(3)]
-        R["app"] = {
-            "b1": b1,
-            "b1_tok_s": statistics.median(x["client_tok_s"] for x in b1),
-            "b1_server_tok_s": statistics.median(x["server_tok_s"] for x in b1),
-            "b1_client_ttft_ms": statistics.median(x["client_ttft_ms"] for x in b1),
-        }
-        for n in (8, 16, 32):
-            r = asyncio.run(chat_users(URL, n))
-            users = r.pop("users")
-            r["median_client_ttft_ms"] = statistics.median(u["client_ttft_ms"] for u in users)
-            r["median_server_tok_s"] = statistics.median(u["server_tok_s"] for u in users)
-            r["tokens"] = sorted({u["tokens"] for u in users})
-            r["client_ttft_ms"] = sorted(u["client_ttft_ms"] for u in users)
-            r["engine_ttft_ms"] = sorted(u["engine_ttft_ms"] or 0 for u in users)
-            R["app"][f"n{n}"] = r
-        save("app.json", R)
-        R["image_gradio_client"] = image_question(c)
-        img = str(OUT / "red.png")
-        runs = [asyncio.run(image_users(URL, 1, img)) for _ in range(3)]
-        warm = runs[-1]["users"][0]
-        R["image"] = {
-            "cold": runs[0]["users"][0],
-            "client_ttft_ms": warm["client_ttft_ms"],
-            "total_s": warm["total_s"],
-            "engine_ttft_ms": warm["engine_ttft_ms"],
-        }
-        four = asyncio.run(image_users(URL, 4, img))
-        R["image"]["four_users_wall_s"], R["image"]["four_users_errors"] = four["wall_s"], four["errors"]
-        R["stop"] = stop_check(c)
-        R["conversations_64x5"] = asyncio.run(conversations(URL, 64, 5))
-        asyncio.run(disconnect_midstream(URL, 16))
-        time.sleep(1.5)
-        R["after_16_disconnects"] = c.predict(api_name="/status")
-        save("app.json", R)
+        return {"runs": asyncio.run(everything()), "start_s": round(time.perf_counter() - t0, 1)}
     finally:
         proc.terminate()
-        proc.wait(30)
-    R["raw"] = raw_numbers()
-    write_report()
-    save("app.json", R)
+        proc.wait(60)
+
+
+def figures(runs: dict[str, list]) -> dict[str, dict]:
+    """Median and range of tok/s and first text per user count."""
+    return {
+        n: {
+            "tok_s": spread([r.get("tok_s") for r in rs]),
+            "first_ms": spread([r.get("first_ms_median") for r in rs]),
+            "client_minus_engine_ms": spread([r.get("client_minus_engine_ms") for r in rs]),
+            "errors": sum(r.get("errors", 0) for r in rs),
+        }
+        for n, rs in runs.items()
+    }
+
+
+def fmt(s: dict, unit: str = "") -> str:
+    if not s or s.get("median") is None:
+        return ""
+    return f"{s['median']:,.0f}{unit} ({s['min']:,.0f}–{s['max']:,.0f})"
+
+
+def write_report(results: dict) -> str:
+    """The Markdown table (bench.md) and the chart (bench.png); returns the table."""
+    a = results["args"]
+    app, raw = figures(results.get("app", {})), figures((results.get("raw") or {}).get("runs", {}))
+    api = figures((results.get("api_server") or {}).get("runs", {}))
+    lines = [
+        f"Measured {date.today()} on {results['gpu']}, lmdeploy 0.11.1 TurboMind, synthetic full-size InternLM2-Chat-1.8B "
+        f"AWQ; {a['turns']} turns of {a['new_tokens']} new tokens per user after one page load (returning sessions); "
+        f"median (range) of {a['runs']} runs. Raw: the app's engine config, concurrent async generate streams in one "
+        "process, same conversations.",
+        "",
+        "| users | raw tok/s | app tok/s | app / raw (medians) | app first text, ms | app − engine first token, ms | errors |"
+        + (" api_server tok/s |" if api else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if api else ""),
+    ]
+    for n in app:
+        r, x = raw.get(n, {}).get("tok_s", {}), app[n]["tok_s"]
+        ratio = f"{x['median'] / r['median']:.2f}" if r.get("median") and x.get("median") else ""
+        row = (
+            f"| {n} | {fmt(r)} | {fmt(x)} | {ratio} | {fmt(app[n]['first_ms'])} | "
+            f"{fmt(app[n]['client_minus_engine_ms'])} | {app[n]['errors']} |"
+        )
+        lines.append(row + (f" {fmt(api.get(n, {}).get('tok_s', {}))} |" if api else ""))
+    burst = results.get("burst") or []
+    if burst:
+        lines += [
+            "",
+            f"{a['burst']} brand-new visitors at once (page load, then the first message): first text "
+            f"{fmt(spread([b.get('first_ms_median') for b in burst]), ' ms')}, page load "
+            f"{fmt(spread([b.get('page_load_ms_median') for b in burst]), ' ms')} (medians over visitors; range over runs).",
+        ]
+    img, st = results.get("image") or {}, results.get("startup") or {}
+    if img.get("client_ttft_ms"):
+        lines.append(f"Image question (640x480, warm): first text {img['client_ttft_ms']} ms, total {img['total_s']} s.")
+    if st:
+        lines.append(f"Start-up with weights on disk: UI up {st.get('ui_up_s')} s, both engines ready {st.get('ready_s')} s.")
+    table = "\n".join(lines) + "\n"
+    (OUT / "bench.md").write_text(table)
+    try:
+        from bench.chart import draw_app  # noqa: PLC0415
+
+        draw_app(app, raw, api, results["gpu"], OUT / "bench.png")
+    except Exception as e:  # noqa: BLE001 - the table still stands
+        results["chart_error"] = repr(e)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", "from bench.runs import ensure_checkpoints as e; print(e())"], check=True)
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
+
+    mem = gpu_memory()
+    results: dict = {"gpu": mem.name if mem else "no GPU", "args": {k: v for k, v in vars(a).items() if k != "users_list"}}
+    proc = start_app(OUT / "app.log")
+    try:
+        results["startup"] = asyncio.run(wait_ready(URL, 300))
+        results["app"] = app_runs(a)
+        save("app.json", results)
+        if a.burst:
+            results["burst"] = burst_runs(a)
+        if not a.no_image:
+            try:
+                results["image"] = image_question()
+            except Exception as e:  # noqa: BLE001
+                results["image"] = {"error": repr(e)[:300]}
+        save("app.json", results)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    results["raw"] = raw_reference(a)
+    save("app.json", results)
+    if a.api_server:
+        try:
+            results["api_server"] = api_server_reference(a)
+        except Exception as e:  # noqa: BLE001
+            results["api_server"] = {"error": repr(e)[:600]}
+    print(write_report(results), flush=True)
+    save("app.json", results)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,37 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def draw_app(app: dict, raw: dict, api: dict, gpu: str, out: Path) -> None:
+    """Tokens/s of the app against the raw engine (and the api_server), medians with their range, by users; and
+    the app's first text against the engine's first token."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    users = list(app)
+    x = range(len(users))
+    series = [("raw engine (async streams)", raw), ("through the app", app)] + ([("api_server", api)] if api else [])
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for k, (label, data) in enumerate(series):
+        med = [data.get(n, {}).get("tok_s", {}).get("median") or 0 for n in users]
+        lo = [m - (data.get(n, {}).get("tok_s", {}).get("min") or m) for m, n in zip(med, users)]
+        hi = [(data.get(n, {}).get("tok_s", {}).get("max") or m) - m for m, n in zip(med, users)]
+        ax[0].bar([i + (k - (len(series) - 1) / 2) * width for i in x], med, width, yerr=[lo, hi], capsize=3, label=label)
+    ax[0].set_xticks(list(x), users)
+    ax[0].set_xlabel("concurrent users (returning sessions)")
+    ax[0].set_ylabel("tokens/s (median, range of runs)")
+    ax[0].legend()
+    first = [app[n]["first_ms"].get("median") or 0 for n in users]
+    gap = [app[n]["client_minus_engine_ms"].get("median") or 0 for n in users]
+    ax[1].plot(users, first, "o-", label="first text at the client")
+    ax[1].plot(users, gap, "x--", label="client − engine first token")
+    ax[1].set_xlabel("concurrent users")
+    ax[1].set_ylabel("ms (median of runs)")
+    ax[1].legend()
+    fig.suptitle(f"{gpu}, lmdeploy 0.11.1 TurboMind, InternLM2-1.8B AWQ")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)

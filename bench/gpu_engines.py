@@ -27,25 +27,18 @@ from model_loader.engines.seam import Delta, GenSettings
 from model_loader.memory import planner
 from model_loader.weights.validation import text_model_problems, vision_model_problems
 
-R: dict = {}
 
-
-def stage(name):
-    def deco(fn):
-        def run(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                R[name] = fn(*a, **k)
-            except Exception as e:  # noqa: BLE001 - record and go on to the next stage
-                traceback.print_exc()
-                R[name] = {"error": repr(e)[:600]}
-            R.setdefault("stage_s", {})[name] = round(time.perf_counter() - t0, 1)
-            save("engines.json", R)
-            return R[name]
-
-        return run
-
-    return deco
+def run_stage(results: dict, name: str, fn, *args):
+    """Run one measurement into results[name] (its error, if it fails), time it, save, and go on."""
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as e:  # noqa: BLE001 - record and go on to the next stage
+        traceback.print_exc()
+        results[name] = {"error": repr(e)[:600]}
+    results.setdefault("stage_s", {})[name] = round(time.perf_counter() - t0, 1)
+    save("engines.json", results)
+    return results[name]
 
 
 async def one_reply(engine, sid, messages, settings, stop_after_s=None):
@@ -83,7 +76,6 @@ def engine_idle(engine) -> dict:
     }
 
 
-@stage("text_seam")
 def text_seam(text):
     s = GenSettings(temperature=0, max_new_tokens=256, ignore_eos=True)
     asyncio.run(one_reply(text, 1, [{"role": "user", "content": "warm up"}], s))
@@ -99,7 +91,6 @@ def text_seam(text):
     return {"batch1": runs, "sampled": sampled}
 
 
-@stage("image_seam")
 def image_seam(vision):
     img = Image.new("RGB", (640, 480), (200, 30, 30))
     s = GenSettings(temperature=0, max_new_tokens=64, ignore_eos=True)
@@ -111,7 +102,6 @@ def image_seam(vision):
     return {"replies": out, "tokens_counted": vision.count_tokens(msgs)}
 
 
-@stage("concurrent16_stop1")
 def concurrent(text):
     s = GenSettings(temperature=0, max_new_tokens=256, ignore_eos=True)
 
@@ -142,7 +132,6 @@ def concurrent(text):
     }
 
 
-@stage("sessions64x5")
 def sessions64(text):
     s = GenSettings(temperature=0.7, max_new_tokens=24)
 
@@ -169,7 +158,6 @@ def sessions64(text):
     }
 
 
-@stage("stops200")
 def stops200(text):
     s = GenSettings(temperature=0, max_new_tokens=512, ignore_eos=True)
     base = engine_idle(text)
@@ -196,7 +184,6 @@ def stops200(text):
     return {"before": base, "after": engine_idle(text), "next_request": nxt}
 
 
-@stage("raw_pipeline")
 def raw(text):
     from lmdeploy import GenerationConfig
 
@@ -211,7 +198,6 @@ def raw(text):
     return out
 
 
-@stage("seam_throughput")
 def seam_tp(text):
     s = GenSettings(temperature=0, max_new_tokens=256, ignore_eos=True)
     out = {}
@@ -238,38 +224,23 @@ def subprocess_json(args, marker, env=None, timeout=240):
     return {"error": (p.stderr or p.stdout)[-1500:], "rc": p.returncode}
 
 
-@stage("ratios")
 def ratios():
     out = [subprocess_json(["-m", "bench.one_engine", str(r), "pc"], "ONE") for r in (0.01, 0.4, 0.8)]
     out.append(subprocess_json(["-m", "bench.one_engine", "0.4", "nopc"], "ONE"))
     return out
 
 
-@stage("a10_ballast")
 def a10():
     return subprocess_json(["-m", "bench.a10_probe"], "A10", timeout=400)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--skip-ratios", action="store_true")
-    ap.add_argument("--skip-a10", action="store_true")
-    a = ap.parse_args()
-    t0 = time.perf_counter()
-    R["checkpoint_write_s"] = ensure_checkpoints()
-    R["validation"] = {"text": text_model_problems(TEXT, True), "vision": vision_model_problems(VISION)}
-    if not a.skip_ratios:
-        ratios()
-    from model_loader.startup import Startup
-
-    cfg = AppConfig(text_model=str(TEXT), vision_model=str(VISION))
-    st = Startup(cfg, dict(os.environ))
-    u0 = used_mib()
+def startup_stage(st, used_before: float) -> dict:
+    """Both engines through the app's start-up path: states, memory after each, the plan beside it."""
     t1 = time.perf_counter()
     st.build_all()
-    R["startup"] = {
+    return {
         "build_all_s": round(time.perf_counter() - t1, 1),
-        "used_before_mib": u0,
+        "used_before_mib": used_before,
         "slots": {
             k: {
                 "state": s.state,
@@ -283,29 +254,47 @@ def main() -> None:
         "plan": planner.format_plan(st.plan) if st.plan else None,
         "planned_after_mib": [round(st.plan.used_after(i)) for i in range(len(st.plan.engines))] if st.plan else None,
     }
-    save("engines.json", R)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-ratios", action="store_true")
+    ap.add_argument("--skip-a10", action="store_true")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    results: dict = {"checkpoint_write_s": ensure_checkpoints()}
+    results["validation"] = {"text": text_model_problems(TEXT, True), "vision": vision_model_problems(VISION)}
+    if not a.skip_ratios:
+        run_stage(results, "ratios", ratios)
+    from model_loader.startup import Startup  # noqa: PLC0415
+
+    st = Startup(AppConfig(text_model=str(TEXT), vision_model=str(VISION)), dict(os.environ))
+    run_stage(results, "startup", startup_stage, st, used_mib())
     text, vision = st.slots["text"].engine, st.slots["vision"].engine
     if text:
-        text_seam(text)
+        run_stage(results, "text_seam", text_seam, text)
     if vision:
-        image_seam(vision)
+        run_stage(results, "image_seam", image_seam, vision)
     if text:
-        concurrent(text)
-        raw(text)
-        seam_tp(text)
-        sessions64(text)
-        stops200(text)
+        for name, fn in (
+            ("concurrent16_stop1", concurrent),
+            ("raw_pipeline", raw),
+            ("seam_throughput", seam_tp),
+            ("sessions64x5", sessions64),
+            ("stops200", stops200),
+        ):
+            run_stage(results, name, fn, text)
     for s in st.slots.values():
         if s.engine:
             s.engine.close()
     del st, text, vision
-    import gc
+    import gc  # noqa: PLC0415
 
     gc.collect()
     if not a.skip_a10:
-        a10()
-    R["total_s"] = round(time.perf_counter() - t0, 1)
-    save("engines.json", R)
+        run_stage(results, "a10_ballast", a10)
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    save("engines.json", results)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Helpers shared by the GPU scripts: synthetic checkpoints, nvidia-smi, results files."""
+"""Helpers shared by the GPU scripts: synthetic checkpoints, GPU memory, a ballast, results files, percentiles."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from model_loader.memory.gpu import gpu_memory
@@ -37,3 +40,33 @@ def save(name: str, data: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / name).write_text(json.dumps(data, indent=1, default=str))
     print("RESULT", name, json.dumps(data, default=str)[:3000], flush=True)
+
+
+@contextmanager
+def ballast(free_gib: float = 22.5):
+    """Another process holds all but `free_gib` of the GPU while the block runs; yields what it reported."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bench.ballast", str(free_gib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = p.stdout.readline()
+        if not line.startswith("BALLAST "):
+            raise RuntimeError(f"the ballast did not start: {line!r}")
+        info = json.loads(line[len("BALLAST ") :])
+        mem = gpu_memory()
+        info["nvml_free_mib"] = mem.free_mib if mem else None
+        yield info
+    finally:
+        p.stdin.close()
+        p.wait(60)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)

@@ -116,17 +116,20 @@ class Startup:
             slot.say(f"Ready: {eng.model} behind {urls[kind]}")
 
     def system_info(self) -> dict:
-        """What the System tab shows, as plain data: the plan, planned vs measured memory, the GPU now."""
+        """What the System tab shows, as plain data: the plan, planned vs measured memory, the GPU now, and what
+        each KV cache holds (`capacity`: precision, tokens, session length, conversations of 1k and 4k at once)."""
         mem = gpu_memory()
         info: dict = {
             "gpu": None if mem is None else {"name": mem.name, "used_mib": mem.used_mib, "total_mib": mem.total_mib},
             "plan_text": planner.format_plan(self.plan) if self.plan else "",
             "memory": [],
             "kv_tokens": {},
+            "capacity": {},
         }
         if self.plan:
             for i, e in enumerate(self.plan.engines):
                 info["kv_tokens"][e.kind] = e.kv_tokens
+                info["capacity"][e.kind] = planner.capacity(e)
                 info["memory"].append({"engine": e.kind, "what": "planned", "MiB": round(self.plan.used_after(i))})
                 measured = self.slots[e.kind].used_mib_after
                 if measured:

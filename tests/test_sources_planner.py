@@ -1,4 +1,4 @@
-"""Sources (local, cache, HF, OpenXLab, git), quantization caching, the planner and the CLI."""
+"""Sources (local, cache, HF, OpenXLab, git), quantization caching and the --check CLI (the planner: test_planner.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from model_loader.config import AppConfig
 from model_loader.errors import DownloadFailed
-from model_loader.memory import planner
 from model_loader.weights import sources
 from model_loader.weights.quantize import ensure_awq
 from model_loader.weights.resolve import resolve_text, resolve_vision
@@ -145,32 +144,6 @@ def test_every_hub_failing_is_one_clear_error(tmp_path, monkeypatch):
     assert "hf_secret" not in str(e.value) and "HF_ENDPOINT" in str(e.value)
 
 
-def test_kv_bytes_per_token():
-    assert planner.INTERNLM2_1_8B_AWQ.kv_bytes_per_token == 2 * 24 * 8 * 128 * 2
-    assert planner.LLAVA_1_5_7B.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
-
-
-def test_4bit_is_not_a_quarter_of_fp16():
-    awq, fp16 = planner.INTERNLM2_1_8B_AWQ.weights_mib, planner.INTERNLM2_1_8B_FP16.weights_mib
-    assert 1300 < awq < 1700 and 3300 < fp16 < 3800 and awq > fp16 / 4 * 1.5
-
-
-def test_a10_plan_picks_vision_first_and_text_first_does_not_fit():
-    specs = [planner.INTERNLM2_1_8B_AWQ, planner.LLAVA_1_5_7B]
-    p = planner.best_plan(specs, 23028, 22.5 * 1024, 0.4)
-    assert p.fits and p.order == ("vision", "text")
-    bad = planner.best_plan(specs, 23028, 22.5 * 1024, 0.4, "text-first")
-    assert not bad.fits and any("text model only" in a for a in bad.advice)
-
-
-def test_planner_matches_h100_measurements():
-    """Measured on an H100 80GB (bench/results/planner-ratios-h100.txt): InternLM2 AWQ alone, fresh process,
-    nvidia-smi showing 0 MiB used and 81,079 MiB free before."""
-    for ratio, measured in ((0.01, 3621), (0.4, 34277), (0.8, 65733)):
-        p = planner.plan_order([planner.INTERNLM2_1_8B_AWQ], 81559, 81079, ratio, used_mib=0)
-        assert abs(p.used_after(0) - measured) / measured < 0.05, (ratio, p.used_after(0), measured)
-
-
 def run_app(*args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "app.py"), *args],
@@ -179,16 +152,6 @@ def run_app(*args, env=None):
         timeout=120,
         env={"PATH": "/usr/bin:/bin", **(env or {})},
     )
-
-
-def test_cli_plan_help_and_no_gpu():
-    assert run_app("--plan", "--gpu-mem", "24").returncode == 0
-    r = run_app("--plan", "--gpu-mem", "12")
-    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout and "way out" in r.stdout
-    h = run_app("--help")
-    assert h.returncode == 0 and "APP_KV_RATIO" in h.stdout and "GRADIO_SERVER_PORT" in h.stdout
-    n = run_app()
-    assert n.returncode == 1 and "No NVIDIA GPU" in n.stderr and "Traceback" not in n.stderr
 
 
 def test_cli_check_good_and_broken(tiny_models, copy_model):

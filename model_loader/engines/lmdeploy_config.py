@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from model_loader.config import AppConfig
 from model_loader.engines.seam import GenSettings
+from model_loader.memory.planner import CACHE_BLOCK_SEQ_LEN
 
 # TurboMind's online KV-cache quantization: quant_policy 8 is int8, 4 is int4, 0 keeps fp16
 QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}
@@ -22,6 +23,7 @@ def turbomind_config(cfg: AppConfig, kind: str, awq: bool = False):
         # prefix caching makes a growing conversation's next turn cheap; image embeddings are not cached by it
         enable_prefix_caching=cfg.prefix_caching and text,
         quant_policy=QUANT_POLICY[cfg.text_kv_quant if text else cfg.vision_kv_quant],
+        cache_block_seq_len=CACHE_BLOCK_SEQ_LEN,  # the planner counts the cache in blocks of this many tokens
     )
 
 

@@ -11,18 +11,41 @@ layers are 4-bit (plus fp16 scales and zeros per 128 weights); the token embeddi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_loader.config import AppConfig
 
 MIB = 2**20
 
-# Fitted to measurements on an H100 80GB with lmdeploy 0.11.1 TurboMind (bench/gpu_engines.py, ratios 0.01, 0.4
-# and 0.8 with the full-size InternLM2 AWQ; LLaVA-7B at 0.4): a fresh process's CUDA context, the memory an engine
+# Fitted by least squares to the four H100 80GB measurements of the InternLM2 AWQ engine with lmdeploy 0.11.1
+# TurboMind (alone in a fresh process at ratios 0.01, 0.4 and 0.8, and built after LLaVA at 0.4; bench/results/):
+# what the first engine in a process pays once (CUDA context, cuBLAS, TurboMind's kernels), the memory an engine
 # takes before TurboMind sizes its KV cache (`pre_kv`), and what of it stays afterwards (`overhead`).
-CUDA_CONTEXT_MIB = 500.0
-TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 923.0, 840.0
-VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 1300.0, 1300.0
+CUDA_CONTEXT_MIB = 640.0
+TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 330.0, 705.0
+# Fitted to LLaVA's memory right after it was built beside the A10 ballast (engines-h100.json, a10_ballast), plus
+# the 74 MiB more in use once both engines had answered (PyTorch keeps the vision tower's working memory cached).
+# The H100 LLaVA point is not used: 2,821 MiB of unknown origin were in use before it.
+VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 1380.0, 1455.0
+
+# TurboMind's KV cache (src/turbomind/kernels/attention/block.h, models/llama/SequenceManager.cc at v0.11.1):
+# blocks of cache_block_seq_len tokens; per layer, KV head and token, K and V each hold head_dim values of
+# `bits`, and when quantized (quant_policy 8 or 4) an fp16 scale and an fp16 zero each.
+CACHE_BLOCK_SEQ_LEN = 64
+KV_BITS = {"none": 16, "int8": 8, "int4": 4}
+KV_PARAM_BYTES = 2 * 2  # fp16 scale + fp16 zero, per token, head and K or V
+CONVERSATION_SIZES = (1024, 4096)  # what --plan and the System tab count conversations of
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_quant: str = "none") -> int:
+    """Bytes one token takes in TurboMind's KV cache at this setting ("none" is fp16), scales and zeros included."""
+    params = 0 if kv_quant == "none" else KV_PARAM_BYTES
+    return layers * kv_heads * 2 * (head_dim * KV_BITS[kv_quant] // 8 + params)
 
 
 @dataclass(frozen=True)
@@ -37,12 +60,17 @@ class ModelSpec:
     head_dim: int
     runtime_mib: float  # what stays besides weights and KV cache
     pre_kv_mib: float = 0.0  # what is taken before the KV cache is sized from free memory
-    kv_bytes: int = 2  # fp16 cache (quant_policy 0)
+    kv_quant: str = "none"  # the KV cache's precision: "none" (fp16), "int8" or "int4"
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer: 2 x layers x kv_heads x head_dim x bytes."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes
+        """K and V for every layer, scales included."""
+        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, self.kv_quant)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """One of TurboMind's KV blocks: CACHE_BLOCK_SEQ_LEN tokens."""
+        return self.kv_bytes_per_token * CACHE_BLOCK_SEQ_LEN
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,14 @@ class EnginePlan:
     kv_mib: float
     kv_tokens: int
     fits: bool
+    kv_quant: str = "none"
+    kv_blocks: int = 0
+    kv_bytes_per_token: int = 0
+    session_len: int = 0  # the longest conversation the engine must hold (0: not asked)
+
+    @property
+    def session_fits(self) -> bool:
+        return self.kv_tokens >= self.session_len
 
     @property
     def total_mib(self) -> float:
@@ -181,13 +217,37 @@ LLAVA_1_5_7B_AWQ = spec_from_config(
 )
 
 
-def plan_engine(spec: ModelSpec, free_mib: float, ratio: float) -> EnginePlan:
-    """Build one engine out of `free_mib`: weights and runtime first, then ratio x what is left for KV."""
+def plan_engine(spec: ModelSpec, free_mib: float, ratio: float, session_len: int = 0) -> EnginePlan:
+    """Build one engine out of `free_mib`: weights and runtime first, then whole KV blocks in ratio x what is left."""
     after_weights = free_mib - spec.weights_mib - max(spec.pre_kv_mib, spec.runtime_mib)
-    fits = after_weights > 0
-    kv = max(0.0, ratio * (free_mib - spec.weights_mib - spec.pre_kv_mib))
-    tokens = int(kv * MIB // spec.kv_bytes_per_token)
-    return EnginePlan(spec.name, spec.kind, free_mib, spec.weights_mib, spec.runtime_mib, kv, tokens, fits)
+    budget = max(0.0, ratio * (free_mib - spec.weights_mib - spec.pre_kv_mib))
+    blocks = int(budget * MIB // spec.kv_block_bytes)
+    return EnginePlan(
+        spec.name,
+        spec.kind,
+        free_mib,
+        spec.weights_mib,
+        spec.runtime_mib,
+        blocks * spec.kv_block_bytes / MIB,
+        blocks * CACHE_BLOCK_SEQ_LEN,
+        after_weights > 0 and blocks * CACHE_BLOCK_SEQ_LEN >= session_len,
+        spec.kv_quant,
+        blocks,
+        spec.kv_bytes_per_token,
+        session_len,
+    )
+
+
+def conversations_held(engine: EnginePlan, conversation_tokens: int) -> int:
+    """How many conversations of this many tokens (history and reply) the cache holds at once, in whole blocks."""
+    per_conversation = -(-max(1, conversation_tokens) // CACHE_BLOCK_SEQ_LEN)
+    return engine.kv_blocks // per_conversation
+
+
+def concurrency_for(engine: EnginePlan, conversation_tokens: int, batch_size: int) -> int:
+    """Conversations to run at once: what the cache holds, capped by the batch size, and at least one (TurboMind
+    still runs one conversation longer than its cache, cut to what fits)."""
+    return max(1, min(batch_size, conversations_held(engine, conversation_tokens)))
 
 
 def plan_order(
@@ -204,9 +264,7 @@ def plan_order(
     engines = []
     ok = free > 0
     for s in specs:
-        e = plan_engine(s, free, ratio)
-        if e.kv_tokens < min_kv_tokens.get(s.kind, 0):
-            e = EnginePlan(e.name, e.kind, e.free_before_mib, e.weights_mib, e.runtime_mib, e.kv_mib, e.kv_tokens, False)
+        e = plan_engine(s, free, ratio, min_kv_tokens.get(s.kind, 0))
         engines.append(e)
         ok = ok and e.fits
         free -= e.total_mib
@@ -275,21 +333,94 @@ def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> di
 
 def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:
     """The ways out when the engines do not fit, each checked with the planner itself."""
+    need = dict(min_kv_tokens or {})
+
+    def fits(candidates=specs, r=ratio, sessions=need) -> Plan:
+        return plan_order(sorted(candidates, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r, sessions)
+
     out = []
-    for r in (0.3, 0.2, 0.1, 0.05):
-        if r < ratio and plan_order(sorted(specs, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r, min_kv_tokens).fits:
-            out.append(f"lower the KV-cache ratio: --kv-ratio {r} fits")
+    for r in sorted({0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05} - {ratio}, key=lambda r: abs(r - ratio)):
+        if fits(r=r).fits:
+            out.append(f"{'lower' if r < ratio else 'raise'} the KV-cache ratio: --kv-ratio {r} fits")
             break
+    short = [e for e in fits().engines if not e.session_fits and e.kind in by_kind]
+    if short:
+        out.extend(session_advice(specs, short, fits, need))
     if "vision" in by_kind and by_kind["vision"].weights_mib > LLAVA_1_5_7B_AWQ.weights_mib * 1.2:
-        alt = [LLAVA_1_5_7B_AWQ if s.kind == "vision" else s for s in specs]
-        if plan_order(sorted(alt, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, ratio, min_kv_tokens).fits:
+        alt = [dataclasses.replace(LLAVA_1_5_7B_AWQ, kv_quant=s.kv_quant) if s.kind == "vision" else s for s in specs]
+        if fits(alt).fits:
             out.append("use a 4-bit AWQ LLaVA (--vision-model pointing at an AWQ llava-hf checkpoint)")
-    for kind, flag in (("text", "--no-enable-vision"), ("vision", "--no-enable-text")):
-        if kind in by_kind and plan_order([by_kind[kind]], gpu_total_mib, free_mib, ratio, min_kv_tokens).fits:
-            out.append(f"serve the {kind} model only ({flag})")
+    for kind, other in (("text", "vision"), ("vision", "text")):
+        if kind in by_kind and plan_order([by_kind[kind]], gpu_total_mib, free_mib, ratio, need).fits:
+            out.append(f"serve the {kind} model only ({flag('enable_' + other, negate=True)})")
     if not out:
         out.append("use a GPU with more free memory, or --backend api_server with lmdeploy serving elsewhere")
     return out
+
+
+def session_advice(specs, short: list[EnginePlan], fits, need: dict[str, int]) -> list[str]:
+    """For caches shorter than their session: the KV precision that holds it, and the session lengths that fit."""
+    out = []
+    alt, flags = list(specs), []
+    for e in short:
+        for quant in (q for q in ("int8", "int4") if KV_BITS[q] < KV_BITS[e.kv_quant]):
+            trial = [dataclasses.replace(s, kv_quant=quant) if s.kind == e.kind else s for s in alt]
+            if next(x for x in fits(trial).engines if x.kind == e.kind).session_fits:
+                alt = trial
+                flags.append(f"{flag(e.kind + '_kv_quant')} {quant}")
+                break
+    if flags and fits(alt).fits:
+        out.append("quantize the KV cache to hold the sessions: " + " ".join(flags))
+    shorter = {**need, **{e.kind: e.kv_tokens for e in short if e.kv_tokens}}
+    if fits(sessions=shorter).fits:
+        lengths = " ".join(f"{flag(e.kind + '_session_len')} {e.kv_tokens}" for e in short)
+        out.append(f"shorter sessions fit what the caches hold: {lengths}")
+    return out
+
+
+def flag(field: str, negate: bool = False) -> str:
+    """The command-line flag of a config field, as `--help` shows it."""
+    from model_loader.config import SETTINGS  # noqa: PLC0415 - config imports nothing of ours but errors
+
+    name = next(s.flag for s in SETTINGS if s.field == field)
+    return "--no-" + name[2:] if negate else name
+
+
+def plan_for_config(
+    cfg: AppConfig, specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, used_mib: float | None = None
+) -> Plan:
+    """The plan for these settings: each engine's KV precision, and a cache that holds its session length."""
+    quant = {"text": cfg.text_kv_quant, "vision": cfg.vision_kv_quant}
+    sessions = {"text": cfg.text_session_len, "vision": cfg.vision_session_len}
+    specs = [dataclasses.replace(s, kv_quant=quant[s.kind]) for s in specs]
+    return best_plan(specs, gpu_total_mib, free_mib, cfg.kv_ratio, cfg.load_order, sessions, used_mib)
+
+
+def capacity(e: EnginePlan) -> dict:
+    """One engine's cache as plain data (for the System tab): tokens, precision and conversations held at once."""
+    return {
+        "kv_quant": e.kv_quant,
+        "kv_tokens": e.kv_tokens,
+        "kv_blocks": e.kv_blocks,
+        "kv_bytes_per_token": e.kv_bytes_per_token,
+        "session_len": e.session_len,
+        "session_fits": e.session_fits,
+        "conversations": {f"{n // 1024}k": conversations_held(e, n) for n in CONVERSATION_SIZES},
+    }
+
+
+def capacity_line(e: EnginePlan) -> str:
+    """'text cache (int8, 49.5 KiB/token): 21,888 tokens; at once 21 conversations of 1k, 5 of 4k; session ...'."""
+    held = [conversations_held(e, n) for n in CONVERSATION_SIZES]
+    sizes = [f"{h} of {n // 1024}k" for h, n in zip(held, CONVERSATION_SIZES)]
+    sizes[0] = sizes[0].replace(" of ", " conversation of " if held[0] == 1 else " conversations of ", 1)
+    session = ""
+    if e.session_len:
+        session = f"; session {e.session_len:,} " + ("fits" if e.session_fits else "does not fit")
+    return (
+        f"{e.kind} cache ({e.kv_quant if e.kv_quant != 'none' else 'fp16'}, {e.kv_bytes_per_token / 1024:.1f} KiB/token): "
+        f"{e.kv_tokens:,} tokens; at once {', '.join(sizes)}{session}"
+    )
 
 
 def format_plan(p: Plan) -> str:
@@ -305,6 +436,7 @@ def format_plan(p: Plan) -> str:
             f"{e.kv_tokens:>11,}{p.used_after(i):>13.0f}M" + ("" if e.fits else "  DOES NOT FIT")
         )
     lines.append(f"spare after both: {p.spare_mib:.0f} MiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
+    lines.extend(capacity_line(e) for e in p.engines)
     for a in p.advice:
         lines.append(f"  way out: {a}")
     return "\n".join(lines)

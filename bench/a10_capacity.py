@@ -1,0 +1,349 @@
+"""Capacity on an A10-sized card: a ballast leaves 22.5 GiB free, the app's start-up path builds both engines, and
+users hold conversations of 1k and 3k tokens of history over several turns, for each KV setting.
+
+    python -m bench.a10_capacity [--kv none,int8,int4] [--users 1,8,16,32] [--history 1024,3072] [--turns 3]
+                                 [--new-tokens 256] [--via seam|app] [--budget-s 540]
+
+Each KV setting runs in a fresh process (the engines restart) beside one ballast process (bench/ballast.py). The
+seam mode drives LmdeployEngine.stream, as the UI does; `--via app` starts `python -m bench.serve` and drives it
+over Gradio's SSE, one session per user. TurboMind's own report of the KV blocks it allocated (TM_LOG_LEVEL=INFO)
+is set beside the planner's count. Writes $OUT/a10_capacity.json, .md and .png; prints a short summary.
+Throughput and latency are the big card's compute; only the memory (cache sizes, who waits) is the A10's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import date
+
+from bench.runs import OUT, TEXT, VISION, ballast, save
+from bench.workload import blocks_from_log, match_blocks, one_turn, seam_users, summarize
+
+FREE_GIB = 22.5
+PORT = 7861
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.a10_capacity")
+    ap.add_argument("--kv", default="none,int8,int4", help="KV settings to run, comma-separated (each ~2 min)")
+    ap.add_argument("--users", default="1,8,16,32", help="concurrent users, comma-separated")
+    ap.add_argument("--history", default="1024,3072", help="tokens of history each conversation starts with")
+    ap.add_argument("--turns", type=int, default=3, help="turns each user takes")
+    ap.add_argument("--new-tokens", type=int, default=256, help="tokens of each reply (ignore_eos)")
+    ap.add_argument("--via", choices=("seam", "app"), default="seam")
+    ap.add_argument("--budget-s", type=float, default=540, help="stop starting new measurements after this long")
+    ap.add_argument("--free-gib", type=float, default=FREE_GIB)
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # one KV setting, run by the parent
+    a = ap.parse_args(argv)
+    a.kv_list = [k for k in a.kv.split(",") if k]
+    a.users_list = [int(x) for x in a.users.split(",") if x]
+    a.history_list = [int(x) for x in a.history.split(",") if x]
+    return a
+
+
+def app_config(kv: str, **kw):
+    from model_loader.config import AppConfig  # noqa: PLC0415
+
+    return AppConfig(text_model=str(TEXT), vision_model=str(VISION), text_kv_quant=kv, vision_kv_quant=kv, **kw)
+
+
+def planned(kv: str) -> dict:
+    """The planner's view of this card now, for this KV setting: blocks and tokens per engine, and the plan text."""
+    from model_loader.memory import planner  # noqa: PLC0415
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
+
+    cfg = app_config(kv)
+    mem = gpu_memory()
+    specs = [planner.spec_from_path(VISION, VISION.name), planner.spec_from_path(TEXT, TEXT.name)]
+    plan = planner.plan_for_config(cfg, specs, mem.total_mib, mem.free_mib, mem.used_mib)
+    engines = {
+        e.kind: {
+            "blocks": e.kv_blocks,
+            "tokens": e.kv_tokens,
+            "block_mib": round(e.kv_bytes_per_token * planner.CACHE_BLOCK_SEQ_LEN / 2**20, 3),
+            "used_after_mib": round(plan.used_after(i)),
+            **planner.capacity(e),
+        }
+        for i, e in enumerate(plan.engines)
+    }
+    return {
+        "free_mib": mem.free_mib,
+        "used_mib": mem.used_mib,
+        "fits": plan.fits,
+        "engines": engines,
+        "text": planner.format_plan(plan),
+    }
+
+
+def turbomind_metrics(engine) -> dict:
+    """The engine's own block counts (lmdeploy 0.11.1 TurboMind.get_schedule_metrics)."""
+    try:
+        m = engine.pipe.engine.get_schedule_metrics()
+        return {"total_blocks": m.total_blocks, "free_blocks": m.free_blocks, "active_blocks": m.active_blocks}
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)[:200]}
+
+
+def vision_users(vision, users: int, new_tokens: int = 64) -> dict:
+    """LLaVA too: `users` image questions at once, then a follow-up turn each."""
+    from PIL import Image  # noqa: PLC0415
+
+    from model_loader.engines.seam import GenSettings  # noqa: PLC0415
+
+    img = Image.new("RGB", (640, 480), (200, 30, 30))
+    settings = GenSettings(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+
+    async def user(u: int) -> list[dict]:
+        hist = [
+            {"role": "user", "content": [{"type": "text", "text": f"user {u}: what is here?"}, {"type": "image", "image": img}]}
+        ]
+        a = await one_turn(vision, 900_000 + u, hist, settings)
+        hist += [{"role": "assistant", "content": a.pop("text") or "..."}, {"role": "user", "content": "And the colour?"}]
+        b = await one_turn(vision, 900_000 + u, hist, settings)
+        b.pop("text")
+        return [a, b]
+
+    async def run() -> dict:
+        t0 = time.perf_counter()
+        res = await asyncio.wait_for(asyncio.gather(*[user(u) for u in range(users)]), 120)
+        return summarize([t for ts in res for t in ts], time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
+def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
+    """One KV setting in this (fresh) process: plan, build through Startup, read the blocks, run the users."""
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
+    from model_loader.startup import Startup  # noqa: PLC0415
+
+    r: dict = {"kv": kv, "plan": planned(kv)}
+    st = Startup(app_config(kv), dict(os.environ))
+    t0 = time.perf_counter()
+    st.build_all()
+    r["build_s"] = round(time.perf_counter() - t0, 1)
+    r["slots"] = {
+        k: {"state": s.state, "message": s.message[:300], "used_after_mib": s.used_mib_after} for k, s in st.slots.items()
+    }
+    text, vision = st.slots["text"].engine, st.slots["vision"].engine
+    if text is None:
+        r["error"] = "the text engine did not start"
+        return r
+    asyncio.run(seam_users(text, 1, 64, 1, 8, 60))  # warm-up, and the metrics get their first update
+    r["metrics"] = {"text": turbomind_metrics(text), "vision": turbomind_metrics(vision) if vision else None}
+    r["runs"] = []
+    for hist in a.history_list:
+        for n in a.users_list:
+            key = {"history": hist, "users": n}
+            if time.perf_counter() > deadline:
+                r["runs"].append({**key, "skipped": "time budget"})
+                continue
+            try:
+                r["runs"].append({**key, **asyncio.run(seam_users(text, n, hist, a.turns, a.new_tokens, 240))})
+            except Exception as e:  # noqa: BLE001 - record and go on
+                traceback.print_exc()
+                r["runs"].append({**key, "error": repr(e)[:300]})
+            print("RUN", kv, json.dumps(r["runs"][-1]), flush=True)
+    if vision and time.perf_counter() < deadline:
+        try:
+            r["vision"] = {n: vision_users(vision, n) for n in (1, 8)}
+        except Exception as e:  # noqa: BLE001
+            r["vision"] = {"error": repr(e)[:300]}
+    mem = gpu_memory()
+    r["free_mib_end"] = mem.free_mib if mem else None
+    return r
+
+
+def run_setting_app(a: argparse.Namespace, kv: str, deadline: float) -> dict:
+    """One KV setting through the launched app (`python -m bench.serve`), users over SSE, one session each."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from bench.sse_client import app_conversations, wait_ready  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(str(TEXT), trust_remote_code=True)
+
+    def count_tokens(messages: list[dict]) -> int:  # close enough to the template's count for sizing histories
+        return sum(len(tok.encode(m["content"])) + 5 for m in messages)
+
+    r: dict = {"kv": kv, "via": "app", "plan": planned(kv)}
+    url = f"http://127.0.0.1:{PORT}/"
+    cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
+    cmd += ["--text-kv-quant", kv, "--vision-kv-quant", kv, "--host", "127.0.0.1", "--port", str(PORT)]
+    log_path = OUT / f"a10_capacity-app-{kv}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        r["startup"] = asyncio.run(wait_ready(url, 300))
+        r["runs"] = []
+        for hist in a.history_list:
+            for n in a.users_list:
+                key = {"history": hist, "users": n}
+                if time.perf_counter() > deadline:
+                    r["runs"].append({**key, "skipped": "time budget"})
+                    continue
+                try:
+                    turns, wall = asyncio.run(app_conversations(url, n, hist, a.turns, a.new_tokens, count_tokens))
+                    r["runs"].append({**key, **summarize(turns, wall)})
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    r["runs"].append({**key, "error": repr(e)[:300]})
+                print("RUN", kv, json.dumps(r["runs"][-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    r["turbomind_reported"] = blocks_from_log(log_path.read_text(errors="replace"))
+    return r
+
+
+def child(a: argparse.Namespace) -> int:
+    """One KV setting; writes $OUT/a10_capacity-KV.json."""
+    deadline = time.perf_counter() + a.budget_s
+    run = run_setting_app if a.via == "app" else run_setting_seam
+    try:
+        r = run(a, a.child, deadline)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        r = {"kv": a.child, "error": repr(e)[:600]}
+    save(f"a10_capacity-{a.child}.json", r)
+    os._exit(0)  # lmdeploy's threads can hold the interpreter at exit; the results are written
+
+
+def compare_blocks(r: dict, log_text: str) -> None:
+    """TurboMind's reported blocks (log, and its metrics) against the planner's, per engine."""
+    engines = (r.get("plan") or {}).get("engines") or {}
+    reported = r.get("turbomind_reported") or blocks_from_log(log_text)
+    r["turbomind_reported"] = reported
+    r["blocks"] = match_blocks(reported, engines)
+    metrics = r.get("metrics") or {}
+    for kind, m in metrics.items():
+        if m and "total_blocks" in m and kind in r["blocks"]:
+            r["blocks"][kind]["metrics_total_blocks"] = m["total_blocks"]
+
+
+def report(results: list[dict], a: argparse.Namespace, gpu: str, ball: dict) -> None:
+    """a10_capacity.md (tables) and a10_capacity.png (throughput and first text by users, per KV setting)."""
+    lines = [
+        f"Measured {date.today()} on {gpu} with a ballast leaving {a.free_gib} GiB free (an A10's memory, this GPU's "
+        f"compute); lmdeploy 0.11.1 TurboMind, synthetic full-size LLaVA-1.5-7B then InternLM2-1.8B AWQ, ratio 0.4, "
+        f"through {'the launched app (SSE)' if a.via == 'app' else 'the engine seam (LmdeployEngine.stream)'}; "
+        f"{a.turns} turns per user, {a.new_tokens} new tokens per reply. Ballast: {json.dumps(ball)}.",
+        "",
+        "| KV | history | users | tok/s | first text median | p90 | max | errors | 4k conversations held |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        held = ((r.get("plan") or {}).get("engines") or {}).get("text", {}).get("conversations", {}).get("4k")
+        for x in r.get("runs", []):
+            if "tok_s" not in x:
+                lines.append(f"| {r['kv']} | {x['history']} | {x['users']} | {x.get('skipped') or x.get('error')} | | | | | |")
+                continue
+            lines.append(
+                f"| {r['kv']} | {x['history']} | {x['users']} | {x['tok_s']:,.0f} | {x['first_ms_median']} ms | "
+                f"{x['first_ms_p90']} ms | {x['first_ms_max']} ms | {x['errors']} | {held} |"
+            )
+    lines += ["", "| KV | engine | planner: blocks (tokens) | TurboMind: blocks | planner error |", "|---|---|---|---|---|"]
+    for r in results:
+        for kind, b in (r.get("blocks") or {}).items():
+            tokens = r["plan"]["engines"][kind]["tokens"]
+            lines.append(
+                f"| {r['kv']} | {kind} | {b['planned_blocks']} ({tokens:,}) | {b.get('turbomind_blocks')} | "
+                f"{b.get('error_pct')}% |"
+            )
+    (OUT / "a10_capacity.md").write_text("\n".join(lines) + "\n")
+    try:
+        draw(results, gpu, a.free_gib)
+    except Exception as e:  # noqa: BLE001
+        print("chart failed:", repr(e))
+
+
+def draw(results: list[dict], gpu: str, free_gib: float) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    histories = sorted({x["history"] for r in results for x in r.get("runs", [])})
+    fig, ax = plt.subplots(2, max(1, len(histories)), figsize=(5.5 * max(1, len(histories)), 7), squeeze=False)
+    for j, h in enumerate(histories):
+        for r in results:
+            xs = [x for x in r.get("runs", []) if x["history"] == h and "tok_s" in x]
+            users = [x["users"] for x in xs]
+            ax[0][j].plot(users, [x["tok_s"] for x in xs], "o-", label=f"KV {r['kv']}")
+            ax[1][j].plot(users, [x["first_ms_median"] for x in xs], "o-", label=f"KV {r['kv']} median")
+            ax[1][j].plot(users, [x["first_ms_p90"] for x in xs], "x--", label=f"KV {r['kv']} p90")
+        ax[0][j].set_title(f"{h:,} tokens of history")
+        ax[0][j].set_ylabel("aggregate tokens/s")
+        ax[1][j].set_ylabel("first text, ms")
+        ax[1][j].set_xlabel("concurrent users")
+        ax[0][j].legend()
+        ax[1][j].legend(fontsize=7)
+    fig.suptitle(f"{gpu}, {free_gib} GiB free (A10 memory), lmdeploy 0.11.1 TurboMind")
+    fig.tight_layout()
+    fig.savefig(OUT / "a10_capacity.png", dpi=90)
+
+
+def child_args(a: argparse.Namespace) -> list[str]:
+    """The parent's choices, for a child that runs one KV setting."""
+    return [
+        *("--users", a.users, "--history", a.history, "--turns", str(a.turns), "--new-tokens", str(a.new_tokens)),
+        *("--via", a.via, "--free-gib", str(a.free_gib)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.child:
+        return child(a)
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # checkpoints in their own process, so this one never holds a CUDA context beside the ballast
+    subprocess.run([sys.executable, "-c", "from bench.runs import ensure_checkpoints as e; print(e())"], check=True)
+    from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
+
+    mem = gpu_memory()
+    gpu = mem.name if mem else "no GPU"
+    results = []
+    with ballast(a.free_gib) as ball:
+        print("ballast:", ball, flush=True)
+        for kv in a.kv_list:
+            left = a.budget_s - (time.perf_counter() - t0)
+            if left < 60:
+                results.append({"kv": kv, "skipped": "time budget"})
+                continue
+            log_path = OUT / f"a10_capacity-{kv}.log"
+            cmd = [sys.executable, "-m", "bench.a10_capacity", *child_args(a), "--child", kv, "--budget-s", str(left - 45)]
+            with open(log_path, "w") as log:
+                rc = subprocess.run(
+                    cmd, env={**os.environ, "TM_LOG_LEVEL": "INFO"}, stdout=log, stderr=subprocess.STDOUT, timeout=left + 60
+                ).returncode
+            path = OUT / f"a10_capacity-{kv}.json"
+            r = (
+                json.loads(path.read_text())
+                if path.is_file()
+                else {"kv": kv, "error": f"no result (rc {rc}); see {log_path.name}"}
+            )
+            compare_blocks(r, log_path.read_text(errors="replace"))
+            results.append(r)
+            save("a10_capacity.json", {"gpu": gpu, "ballast": ball, "args": vars(a), "settings": results})
+    report(results, a, gpu, ball)
+    for r in results:
+        print(r["kv"], "blocks:", json.dumps(r.get("blocks")), flush=True)
+        for x in r.get("runs", []):
+            print(
+                f"  {r['kv']:>5} hist {x['history']:>5} users {x['users']:>3}: {x.get('tok_s')} tok/s, first text "
+                f"{x.get('first_ms_median')} / p90 {x.get('first_ms_p90')} ms, errors {x.get('errors', x.get('error'))}"
+            )
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {OUT}/a10_capacity.json, .md, .png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The raw engine as the app runs it, for bench_app's like-for-like reference: the app's TurbomindEngineConfig (ratio
+0.4, prefix caching, batch 32, its KV setting), N concurrent async `generate` streams in one process, the same
+conversations and reply lengths (ignore_eos) as the app's users. Prints one line, `RAW {json}`.
+
+    python -m bench.raw_reference --runs 5 --users 1,8,16,32 --turns 3 --new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+
+from bench.runs import TEXT
+from bench.workload import question, summarize
+
+_sessions = itertools.count(1)
+
+
+async def raw_user(pipe, gen, user: int, turns: int) -> list[dict]:
+    """One user's turns straight on lmdeploy's loop: the whole conversation each turn, as the app sends it."""
+    history, out = [], []
+    for t in range(turns):
+        history = history + [question(user, t)]
+        t0 = time.perf_counter()
+        first = token = None
+        text, n, error = "", 0, ""
+        async for o in pipe.generate(
+            history, next(_sessions), gen_config=gen, stream_response=True, sequence_start=True, sequence_end=True
+        ):
+            if token is None and o.generate_token_len > 0:
+                token = time.perf_counter()
+            if o.response:
+                first = first or time.perf_counter()
+                text += o.response
+            n = o.generate_token_len
+            if o.finish_reason == "error":
+                error = o.response or "error"
+        out.append(
+            {
+                "first_ms": None if first is None else 1000 * (first - t0),
+                "engine_ttft_ms": None if token is None else round(1000 * (token - t0), 1),
+                "tokens": n,
+                "error": error,
+                "turn": t,
+            }
+        )
+        history = history + [{"role": "assistant", "content": text or "..."}]
+    return out
+
+
+def measure(pipe, gen, users: int, turns: int) -> dict:
+    """`users` concurrent streams in lmdeploy's own loop; the same summary as the app's users get."""
+
+    async def everyone():
+        t0 = time.perf_counter()
+        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns) for u in range(users)])
+        return [t for ts in per_user for t in ts], time.perf_counter() - t0
+
+    turns_out, wall = asyncio.run_coroutine_threadsafe(everyone(), pipe.internal_thread.loop).result(600)
+    return summarize(turns_out, wall)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--users", default="1,8,16,32")
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    a = ap.parse_args()
+    from lmdeploy import pipeline  # noqa: PLC0415
+
+    from model_loader.config import AppConfig  # noqa: PLC0415
+    from model_loader.engines.lmdeploy_config import generation_config, turbomind_config  # noqa: PLC0415
+    from model_loader.engines.seam import GenSettings  # noqa: PLC0415
+
+    cfg = AppConfig(text_model=str(TEXT), enable_vision=False)
+    engine_cfg = turbomind_config(cfg, "text", awq=True)
+    pipe = pipeline(str(TEXT), backend_config=engine_cfg, log_level="WARNING")
+    gen = generation_config(GenSettings(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True))
+    measure(pipe, gen, 1, 1)  # warm-up
+    users = [int(x) for x in a.users.split(",") if x]
+    runs = {str(n): [] for n in users}
+    for _ in range(a.runs):
+        for n in users:  # interleaved, so drift over the run touches every user count alike
+            runs[str(n)].append(measure(pipe, gen, n, a.turns))
+    config = {
+        k: getattr(engine_cfg, k)
+        for k in ("cache_max_entry_count", "enable_prefix_caching", "max_batch_size", "quant_policy", "session_len")
+    }
+    print("RAW", json.dumps({"engine_config": config, "runs": runs}), flush=True)
+    pipe.close()
+
+
+if __name__ == "__main__":
+    main()

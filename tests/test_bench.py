@@ -1,0 +1,126 @@
+"""The GPU benches' pure parts on CPU: workloads, summaries, TurboMind's block report, and the browser-like client
+against the launched app (fake engines)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.runs import percentile
+from bench.workload import blocks_from_log, history_of, match_blocks, spread, summarize
+
+# what lmdeploy 0.11.1 TurboMind logs at TM_LOG_LEVEL=INFO (src/turbomind/models/llama/BlockManager.cc, LlamaBatch.cc)
+TM_LOG = """
+[TM][INFO] [BlockManager] block_size = 16.500 MB
+[TM][INFO] [BlockManager] max_block_count = 182
+[TM][INFO] [BlockManager] chunk_size = 182
+[TM][WARNING] [SegMgr] prefix caching is disabled
+[TM][INFO] [BlockManager] block_size = 3.094 MB
+[TM][INFO] [BlockManager] max_block_count = 342
+[TM][INFO] [BlockManager] chunk_size = 342
+"""
+
+
+def test_blocks_from_turbomind_log_pair_with_the_plan_by_block_size():
+    reported = blocks_from_log(TM_LOG)
+    assert reported == [{"block_mib": 16.5, "blocks": 182}, {"block_mib": 3.094, "blocks": 342}]
+    planned = {"text": {"blocks": 337, "block_mib": 3.094}, "vision": {"blocks": 182, "block_mib": 16.5}}
+    m = match_blocks(reported, planned)
+    assert m["vision"]["turbomind_blocks"] == 182 and m["vision"]["error_pct"] == 0
+    assert m["text"]["turbomind_blocks"] == 342 and m["text"]["error_pct"] == pytest.approx(-1.46, abs=0.01)
+    assert match_blocks([], planned)["text"]["turbomind_blocks"] is None
+
+
+def test_history_reaches_its_length_and_users_share_no_prefix():
+    def count(messages):
+        return sum(len(m["content"].split()) + 4 for m in messages)
+
+    a, b = history_of(0, 1000, count), history_of(1, 1000, count)
+    assert count(a) >= 1000 and a[-1]["role"] == "assistant" and a[0]["role"] == "user"
+    assert a[0]["content"].split("]")[0] != b[0]["content"].split("]")[0]
+
+
+def test_summary_median_p90_and_errors():
+    turns = [{"first_ms": float(i), "tokens": 10, "error": ""} for i in range(1, 11)]
+    turns.append({"first_ms": None, "tokens": 0, "error": "boom"})
+    s = summarize(turns, 2.0)
+    assert s["tok_s"] == 50.0 and s["first_ms_median"] == 5.5 and s["first_ms_p90"] == pytest.approx(9.1)
+    assert s["errors"] == 1 and s["first_errors"] == ["boom"]
+    assert percentile([], 50) is None
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
+
+
+def test_a_browser_turn_runs_on_its_page_session(launched):
+    """Page load, then turns on the same session hash: what a returning user does (bench_app, a10_capacity)."""
+    from bench.sse_client import users_on_pages
+
+    url, (text, _), _ = launched
+    turns, wall, loads = asyncio.run(users_on_pages(url, 2, 2, 16))
+    assert len(turns) == 4 and not any(t["error"] for t in turns) and wall > 0
+    assert len(loads["page_load_ms"]) == 2
+    sessions = {sid for sid, _, _ in text.calls}
+    assert len(sessions) == 2  # one engine session per page, kept across its turns
+    second_turn = [msgs for _, msgs, _ in text.calls if len(msgs) > 1]
+    assert second_turn and second_turn[0][-2]["role"] == "assistant"
+
+
+def test_users_through_the_seam_hold_their_conversations():
+    """The seam driver the GPU benches use, on the fake engine: every turn answered, history carried over."""
+    from bench.workload import seam_users
+    from tests.fakes import FakeEngine
+
+    eng = FakeEngine(delay_s=0.0)
+    r = asyncio.run(seam_users(eng, users=3, history_tokens=200, turns=2, new_tokens=16, timeout_s=30))
+    assert r["turns"] == 6 and r["errors"] == 0 and r["tokens"] > 0 and r["first_ms_median"] is not None
+    assert r["prompt_tokens_turn1"] >= 200
+    last = [msgs for _, msgs, _ in eng.calls][-1]
+    assert last[-2]["role"] == "assistant" and "turn 1" in last[-1]["content"]
+
+
+def _run(tok_s: float, first: float) -> dict:
+    return {"tok_s": tok_s, "first_ms_median": first, "client_minus_engine_ms": 5.0, "errors": 0}
+
+
+def test_bench_app_report_gives_median_range_and_ratio(tmp_path, monkeypatch):
+    from bench import bench_app
+
+    monkeypatch.setattr(bench_app, "OUT", tmp_path)
+    results = {
+        "gpu": "test GPU",
+        "args": {"turns": 3, "new_tokens": 256, "runs": 3, "burst": 32},
+        "app": {"8": [_run(900, 40), _run(1000, 50), _run(1100, 60)]},
+        "raw": {"runs": {"8": [_run(1000, 10), _run(1000, 10), _run(1200, 12)]}},
+        "burst": [{"first_ms_median": 200.0, "page_load_ms_median": 80.0}],
+    }
+    table = bench_app.write_report(results)
+    assert "| 8 | 1,000 (1,000–1,200) | 1,000 (900–1,100) | 1.00 | 50 (40–60) |" in table
+    assert "32 brand-new visitors" in table and "200 ms" in table
+    assert (tmp_path / "bench.md").read_text() == table and (tmp_path / "bench.png").is_file()
+
+
+def test_a10_capacity_report_tables_and_chart(tmp_path, monkeypatch):
+    from bench import a10_capacity
+
+    monkeypatch.setattr(a10_capacity, "OUT", tmp_path)
+    a = a10_capacity.parse_args(["--kv", "int8", "--users", "1,8"])
+    run = {"history": 1024, "users": 8, "tok_s": 2000.0, "first_ms_median": 200.0, "first_ms_p90": 400.0}
+    r = {
+        "kv": "int8",
+        "plan": {"engines": {"text": {"tokens": 21888, "blocks": 342, "block_mib": 3.094, "conversations": {"4k": 5}}}},
+        "runs": [{**run, "users": 1}, run, {"history": 1024, "users": 16, "skipped": "time budget"}],
+        "metrics": {"text": {"total_blocks": 342}},
+    }
+    r["runs"] = [{**x, "first_ms_max": 500.0, "errors": 0} if "tok_s" in x else x for x in r["runs"]]
+    a10_capacity.compare_blocks(r, TEST_LOG_TEXT_ONLY)
+    assert r["blocks"]["text"]["turbomind_blocks"] == 342 and r["blocks"]["text"]["metrics_total_blocks"] == 342
+    a10_capacity.report([r], a, "test GPU", {"free_gib": 22.5})
+    md = (tmp_path / "a10_capacity.md").read_text()
+    assert "| int8 | 1024 | 8 | 2,000 | 200.0 ms | 400.0 ms | 500.0 ms | 0 | 5 |" in md
+    assert "time budget" in md and "| int8 | text | 342 (21,888) | 342 | 0.0% |" in md
+    assert (tmp_path / "a10_capacity.png").is_file()
+    child = a10_capacity.child_args(a)
+    assert child[child.index("--users") + 1] == "1,8" and "--child" not in child
+
+
+TEST_LOG_TEXT_ONLY = "[TM][INFO] [BlockManager] block_size = 3.094 MB\n[TM][INFO] [BlockManager] max_block_count = 342\n"
