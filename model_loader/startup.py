@@ -210,9 +210,7 @@ class Startup:
     def _make_plan(self, mem, kinds, specs, finished) -> bool:
         """Plan the card once the first model is here (the others' shapes are known ahead); False if nothing fits."""
         all_specs = [specs.get(k) or self._expected_spec(k) for k in kinds if k in specs or k not in finished]
-        self.plan = planner.best_plan(
-            all_specs, mem.total_mib, mem.free_mib, self.cfg.kv_ratio, self.cfg.load_order, used_mib=mem.used_mib
-        )
+        self.plan = planner.plan_for_config(self.cfg, all_specs, mem.total_mib, mem.free_mib, mem.used_mib)
         log.info("memory plan:\n%s", planner.format_plan(self.plan))
         if self.plan.fits:
             return True

@@ -121,7 +121,8 @@ def test_chat_answers_while_llava_is_still_downloading(full_size_text, full_size
     assert built[1] == ("vision", pytest.approx(expected["vision"]))
     text_spec = planner.spec_from_path(full_size_text, "t")
     text_e, vision_e = simulate([text_spec, planner.LLAVA_1_5_7B], A10.free_mib, dict(built))
-    assert text_e.total_mib + vision_e.total_mib == pytest.approx(sum(e.total_mib for e in st.plan.engines))
+    # equal up to TurboMind's whole KV blocks (one 64-token block of LLaVA is at most 32 MiB)
+    assert text_e.total_mib + vision_e.total_mib == pytest.approx(sum(e.total_mib for e in st.plan.engines), abs=64)
 
 
 def test_vision_first_when_it_arrives_first(full_size_text, full_size_vision, monkeypatch):

@@ -324,9 +324,10 @@ def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> di
     for kind in order:
         e, s = planned[kind], by_kind[kind]
         room = free - s.weights_mib - s.pre_kv_mib
-        if free - s.weights_mib - max(s.pre_kv_mib, s.runtime_mib) <= 0 or room <= 0 or not 0 < e.kv_mib / room < 1:
+        budget = plan.ratio * (e.free_before_mib - s.weights_mib - s.pre_kv_mib)  # before TurboMind's whole blocks
+        if free - s.weights_mib - max(s.pre_kv_mib, s.runtime_mib) <= 0 or room <= 0 or not 0 < budget / room < 1:
             return None
-        ratios[kind] = e.kv_mib / room
+        ratios[kind] = budget / room
         free -= e.total_mib
     return ratios
 
