@@ -28,10 +28,12 @@ MIB = 2**20
 # takes before TurboMind sizes its KV cache (`pre_kv`), and what of it stays afterwards (`overhead`).
 CUDA_CONTEXT_MIB = 640.0
 TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 330.0, 705.0
-# Fitted to LLaVA's memory right after it was built beside the A10 ballast (engines-h100.json, a10_ballast), plus
-# the 74 MiB more in use once both engines had answered (PyTorch keeps the vision tower's working memory cached).
-# The H100 LLaVA point is not used: 2,821 MiB of unknown origin were in use before it.
-VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 1380.0, 1455.0
+# LLaVA beside the A10 ballast. Its pre-KV share: fitted to the KV blocks TurboMind reported it allocated
+# (a10-capacity-h200.json: 104 blocks of 32 MiB at ratio 0.4 out of 23,039 MiB free), which also brings the text
+# engine built after it within 5% of its reported blocks at every KV setting. Its overhead: what stays besides
+# weights and that cache when the text engine is sized (the H200 run: text blocks 161 reported, 161 planned). The
+# H100 run left 129 MiB more free after both had answered (engines-h100.json): the plan errs on the safe side.
+VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 607.0, 1366.0
 
 # TurboMind's KV cache (src/turbomind/kernels/attention/block.h, models/llama/SequenceManager.cc at v0.11.1):
 # blocks of cache_block_seq_len tokens; per layer, KV head and token, K and V each hold head_dim values of
