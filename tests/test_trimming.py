@@ -94,7 +94,8 @@ def test_trimming_leaves_the_event_loop_free():
         return took, ticked
 
     took, ticked = asyncio.run(run())
-    assert took > 0.1 and ticked >= took / 0.005 / 4, f"{ticked} ticks in {took:.2f} s"
+    # a blocked loop ticks 0-1 times; a free one ~took/0.005, fewer on a loaded 2-core CI machine
+    assert took > 0.1 and ticked >= took / 0.005 / 10, f"{ticked} ticks in {took:.2f} s"
 
 
 def test_trim_to_fit_is_exact_with_a_template_that_is_not_additive():
