@@ -74,6 +74,7 @@ class Startup:
     plan: planner.Plan | None = None
     started_at: float = field(default_factory=time.time)
     ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
+    _early: list[str] = field(default_factory=list)  # engines built before the plan's turn for them
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -235,20 +236,19 @@ class Startup:
         plan_specs = [specs.get(k) or self._expected_spec(k) for k in self.plan.order]
         if not order or order[0] in ready:
             kind = order[0] if order else ready[0]
-            if self.ratios:  # out of the plan's order: this one's ratio from its real shape, as the plan ends
-                built = [k for k in self.ratios if self.slots[k].engine is not None]
-                again = planner.ratios_for_order(plan_specs, self.plan, built + [kind])
+            if self._early:  # out of the plan's order: this one's ratio from its real shape, as the plan ends
+                again = planner.ratios_for_order(plan_specs, self.plan, self._early + [kind])
                 if again:
                     self.ratios[kind] = again[kind]
             return kind
-        if finished or self.ratios:
+        if finished:
             return None
         kind = ready[0]
         ratios = planner.ratios_for_order(plan_specs, self.plan, [kind] + [k for k in order if k != kind])
         if ratios is None:
             self.slots[kind].say(f"Waiting for the {order[0]} model: the memory plan builds it first ...")
             return None
-        self.ratios = ratios
+        self.ratios, self._early = ratios, [kind]
         log.info("building %s before %s with KV ratios %s", kind, order[0], ratios)
         return kind
 

@@ -145,6 +145,8 @@ def test_cli_plan_help_and_no_gpu():
     assert short.returncode == 1 and "--vision-session-len" in short.stdout
     h = run_app("--help")
     assert h.returncode == 0 and "APP_KV_RATIO" in h.stdout and "GRADIO_SERVER_PORT" in h.stdout
+    no_gpu = run_app("--plan")
+    assert no_gpu.returncode == 2 and "--gpu-mem 22.5 for an A10" in no_gpu.stderr
     n = run_app()
     assert n.returncode == 1 and "No NVIDIA GPU" in n.stderr and "Traceback" not in n.stderr
 

@@ -86,6 +86,7 @@ def test_check_fetches_nothing_unless_asked(tiny_models, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert "[--] vision model" in r.stdout and "not downloaded yet" in r.stdout and "--download" in r.stdout
         assert not hub.requests  # not even asked
+        assert "GPU: 22.5 GiB total" in r.stdout  # no GPU here: planned for an A10
         r = run_app(*args, "--download", env=env)
         assert r.returncode == 0 and "[ok] vision model" in r.stdout
         assert any(p.endswith(".safetensors") for _, p, _ in hub.requests)

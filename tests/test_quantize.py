@@ -162,6 +162,12 @@ def test_failure_causes_from_the_jobs_last_line():
     assert type(other) is QuantizationFailed and "boom" in other.message
 
 
+def test_a_calibration_file_that_cannot_be_read_is_named():
+    line = f"{awq_job.ERROR_MARK} calib-data: FileNotFoundError: [Errno 2] No such file or directory: '/data/calib.txt'"
+    e = job_error(3, [line], False, 60, Path("/m/x"), "https://huggingface.co", "/data/calib.txt")
+    assert isinstance(e, CalibrationDataUnavailable) and "/data/calib.txt" in e.message and "wikitext2" not in e.message
+
+
 def test_progress_lines_follow_the_layers():
     assert progress_line("Loading calibrate dataset ...", 24).endswith("loading the calibration text ...")
     assert progress_line("model.layers.3, samples: 128, max gpu memory: 2.10 GB", 24) == "Quantizing: calibrating layer 4/24"

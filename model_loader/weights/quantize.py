@@ -182,7 +182,9 @@ def progress_line(line: str, layers: int) -> str | None:
     return None
 
 
-def job_error(returncode: int, lines: list[str], timed_out: bool, timeout_s: float, src: Path, endpoint: str) -> AppError:
+def job_error(
+    returncode: int, lines: list[str], timed_out: bool, timeout_s: float, src: Path, endpoint: str, calib_file: str = ""
+) -> AppError:
     """The named error for a failed job, from its `awq-job-error:` line, else from how it ended."""
     tail = " | ".join(lines[-5:])[-600:]
     if timed_out:
@@ -193,6 +195,11 @@ def job_error(returncode: int, lines: list[str], timed_out: bool, timeout_s: flo
         )
     marked = [line for line in lines if line.startswith(awq_job.ERROR_MARK)]
     cause, _, detail = marked[-1][len(awq_job.ERROR_MARK) :].strip().partition(": ") if marked else ("", "", tail)
+    if cause == "calib-data" and calib_file:
+        return CalibrationDataUnavailable(
+            f"The calibration file {calib_file} could not be read for 4-bit quantization: {detail}",
+            "Pass a readable UTF-8 text file with --calib-file (APP_CALIB_FILE), or leave it empty for wikitext2.",
+        )
     if cause == "calib-data":
         return CalibrationDataUnavailable(
             f"The calibration text for 4-bit quantization could not be loaded (wikitext2 from {endpoint}): {detail}",
@@ -274,4 +281,5 @@ def run_job(
         _children.discard(p)
     if p.returncode or timed_out.is_set():
         endpoint = child_env.get("HF_ENDPOINT", "https://huggingface.co")
-        raise job_error(p.returncode, list(lines), timed_out.is_set(), timeout_s, src, endpoint)
+        calib = cmd[cmd.index("--calib-file") + 1] if "--calib-file" in cmd else ""
+        raise job_error(p.returncode, list(lines), timed_out.is_set(), timeout_s, src, endpoint, calib)

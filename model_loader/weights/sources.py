@@ -273,8 +273,8 @@ def fetch_model(
             return Resolved(cached, "cache", ref, _revision(cached))
         log.warning("cached %s is broken, fetching it again: %s", ref, "; ".join(found))
         progress(f"Cached {ref} is broken ({found[0]}); fetching it again ...")
-        if not download_ok:
-            ensure_valid(found, cached)
+        if not download_ok or (hub == "hf" and is_offline(env)):
+            ensure_valid(found, cached)  # nothing may be fetched: name the broken files
         if cached == dest:
             _forget_broken(dest, found)
         elif not is_offline(env):
