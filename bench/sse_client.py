@@ -21,6 +21,12 @@ from bench.workload import history_of, question
 STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
 
 
+def client_limits(users: int) -> httpx.Limits:
+    """Enough connections for every user's stream and posts; idle ones are dropped before uvicorn's 5 s keep-alive
+    closes them, so no request is sent on a connection the server is closing."""
+    return httpx.Limits(max_connections=4 * users + 8, keepalive_expiry=2.0)
+
+
 def fn_index(config: dict, api_name: str) -> int:
     """The dependency id of a named route in the app's /config."""
     for d in config["dependencies"]:
@@ -39,37 +45,49 @@ def assistant_text(history: list) -> str:
     return c or ""
 
 
+async def post_once_more(http: httpx.AsyncClient, url: str, body: dict) -> httpx.Response:
+    """POST, and once more if a kept-alive connection turns out closed (as a browser retries)."""
+    try:
+        return await http.post(url, json=body)
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        return await http.post(url, json=body)
+
+
 async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list, session: str = "") -> dict:
     """Run one queued event; returns client-side first-text time, updates and their bytes, final outputs, timings.
 
     Without `session`, a brand-new session hash: the server then sets up a new visitor's state first."""
     session = session or uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    r = await http.post(
-        url + "gradio_api/queue/join",
-        json={"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None},
-    )
+    body = {"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None}
+    r = await post_once_more(http, url + "gradio_api/queue/join", body)
     r.raise_for_status()
     outputs, first, updates, error, nbytes = None, None, 0, None, 0
-    async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
-        async for line in s.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            nbytes += len(line)
-            msg = json.loads(line[5:])
-            kind = msg.get("msg")
-            if kind == "process_generating":
-                updates += 1
-                out = msg["output"]["data"]
-                outputs = out if outputs is None else [apply_diff(o, d) for o, d in zip(outputs, out)]
-                if first is None and assistant_text(outputs[0]):
-                    first = time.perf_counter()
-            elif kind == "process_completed":
-                if msg.get("output", {}).get("data") is not None and msg.get("success", True):
-                    outputs = msg["output"]["data"]
-                else:
-                    error = msg.get("output", {}).get("error") or "failed"
-                break
+    for attempt in range(2):  # a kept-alive connection the server had just closed fails before the first byte
+        try:
+            async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
+                async for line in s.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    nbytes += len(line)
+                    msg = json.loads(line[5:])
+                    kind = msg.get("msg")
+                    if kind == "process_generating":
+                        updates += 1
+                        out = msg["output"]["data"]
+                        outputs = out if outputs is None else [apply_diff(o, d) for o, d in zip(outputs, out)]
+                        if first is None and assistant_text(outputs[0]):
+                            first = time.perf_counter()
+                    elif kind == "process_completed":
+                        if msg.get("output", {}).get("data") is not None and msg.get("success", True):
+                            outputs = msg["output"]["data"]
+                        else:
+                            error = msg.get("output", {}).get("error") or "failed"
+                        break
+            break
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if nbytes or attempt:
+                raise
     end = time.perf_counter()
     return {"t0": t0, "first": first, "end": end, "updates": updates, "bytes": nbytes, "outputs": outputs, "error": error}
 
@@ -98,7 +116,7 @@ def user_history(text: str) -> list:
 
 async def chat_users(url: str, n: int, max_new: int = 256, prompt: str = "tell me a story") -> dict:
     """n users at once on /chat; aggregate tokens/s over the wall time, and each user's figures."""
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * n + 8)) as http:
+    async with httpx.AsyncClient(timeout=300, limits=client_limits(n)) as http:
         config = (await http.get(url + "config")).json()
         idx = fn_index(config, "chat")
         t0 = time.perf_counter()
@@ -128,7 +146,7 @@ async def upload(http: httpx.AsyncClient, url: str, path: str) -> dict:
 
 async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> dict:
     """n users asking about one uploaded image at once on /image_chat."""
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * n + 8)) as http:
+    async with httpx.AsyncClient(timeout=300, limits=client_limits(n)) as http:
         config = (await http.get(url + "config")).json()
         idx = fn_index(config, "image_chat")
         files = [await upload(http, url, image_path) for _ in range(n)]
@@ -143,7 +161,7 @@ async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> d
 
 async def conversations(url: str, users: int, turns: int, max_new: int = 32) -> dict:
     """Many users holding multi-turn conversations at once; every turn must complete with a reply."""
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * users + 8)) as http:
+    async with httpx.AsyncClient(timeout=300, limits=client_limits(users)) as http:
         config = (await http.get(url + "config")).json()
         idx = fn_index(config, "chat")
 
@@ -233,10 +251,8 @@ class Page:
         self.ticks = deps_where(config, "tick")
 
     async def predict(self, index: int, data: list) -> list:
-        r = await self.http.post(
-            self.url + "gradio_api/run/predict",
-            json={"data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": None},
-        )
+        body = {"data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": None}
+        r = await post_once_more(self.http, self.url + "gradio_api/run/predict", body)
         r.raise_for_status()
         return r.json()["data"]
 
@@ -285,7 +301,7 @@ async def users_on_pages(
 ) -> tuple[list[dict], float, dict]:
     """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
     at once; returns every turn's result, the wall time, and page-load timings."""
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=4 * users + 8)) as http:
+    async with httpx.AsyncClient(timeout=600, limits=client_limits(users)) as http:
         config = (await http.get(url + "config")).json()
         pages = [Page(http, url, config) for _ in range(users)]
         loads: list[float] = []
@@ -336,3 +352,29 @@ async def wait_ready(url: str, timeout_s: float = 300) -> dict:
                 pass
             await asyncio.sleep(0.5)
     raise TimeoutError(f"the app at {url} was not ready in {timeout_s:.0f} s")
+
+
+async def gradio_phases(http: httpx.AsyncClient, url: str, fn_name: str = "chat", clear: bool = True) -> dict:
+    """Gradio's own per-event timings (the app started with GRADIO_PROFILING=1) for one function since the last
+    clear: medians of queue wait and total, and the per-update postprocess + diff cost in ms."""
+    r = await http.get(url + "gradio_api/profiling/traces")
+    if r.status_code != 200:
+        return {"error": f"profiling off ({r.status_code}): start the app with GRADIO_PROFILING=1"}
+    traces = [t for t in r.json() if t.get("fn_name") == fn_name]
+    if clear:
+        await http.post(url + "gradio_api/profiling/clear")
+    if not traces:
+        return {"events": 0}
+
+    def med(values: list[float]) -> float:
+        v = sorted(values)
+        return round(v[len(v) // 2], 3)
+
+    per_update = [(t["postprocess_ms"] + t["streaming_diff_ms"]) / max(1, t["n_iterations"]) for t in traces]
+    return {
+        "events": len(traces),
+        "queue_wait_ms": med([t["queue_wait_ms"] for t in traces]),
+        "total_ms": med([t["total_ms"] for t in traces]),
+        "updates": med([t["n_iterations"] for t in traces]),
+        "postprocess_and_diff_ms_per_update": med(per_update),
+    }
