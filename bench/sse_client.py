@@ -53,7 +53,14 @@ async def post_once_more(http: httpx.AsyncClient, url: str, body: dict) -> httpx
         return await http.post(url, json=body)
 
 
-async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list, session: str = "") -> dict:
+def merge_update(old, diff):
+    """One output of a streamed update: a diff against the last value, or an update that leaves it (gr.skip())."""
+    if isinstance(diff, dict) and diff.get("__type__") == "update":
+        return diff.get("value", old)
+    return apply_diff(old, diff)
+
+
+async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list, session: str = "", chat_output: int = 0) -> dict:
     """Run one queued event; returns client-side first-text time, updates and their bytes, final outputs, timings.
 
     Without `session`, a brand-new session hash: the server then sets up a new visitor's state first."""
@@ -75,8 +82,8 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list,
                     if kind == "process_generating":
                         updates += 1
                         out = msg["output"]["data"]
-                        outputs = out if outputs is None else [apply_diff(o, d) for o, d in zip(outputs, out)]
-                        if first is None and assistant_text(outputs[0]):
+                        outputs = out if outputs is None else [merge_update(o, d) for o, d in zip(outputs, out)]
+                        if first is None and assistant_text(outputs[chat_output]):
                             first = time.perf_counter()
                     elif kind == "process_completed":
                         if msg.get("output", {}).get("data") is not None and msg.get("success", True):
