@@ -2,7 +2,7 @@
 users hold conversations of 1k and 3k tokens of history over several turns, for each KV setting.
 
     python -m bench.a10_capacity [--kv none,int8,int4] [--users 1,8,16,32] [--history 1024,3072] [--turns 3]
-                                 [--new-tokens 256] [--via seam|app] [--budget-s 540]
+                                 [--new-tokens 256] [--via seam|app] [--budget-s 480]
 
 Each KV setting runs in a fresh process (the engines restart) beside one ballast process (bench/ballast.py). The
 seam mode drives LmdeployEngine.stream, as the UI does; `--via app` starts `python -m bench.serve` and drives it
@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--turns", type=int, default=3, help="turns each user takes")
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens of each reply (ignore_eos)")
     ap.add_argument("--via", choices=("seam", "app"), default="seam")
-    ap.add_argument("--budget-s", type=float, default=540, help="stop starting new measurements after this long")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this long")
     ap.add_argument("--free-gib", type=float, default=FREE_GIB)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # one KV setting, run by the parent
     a = ap.parse_args(argv)
@@ -136,7 +136,7 @@ def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
         r["error"] = "the text engine did not start"
         return r
     asyncio.run(seam_users(text, 1, 64, 1, 8, 60))  # warm-up, and the metrics get their first update
-    r["metrics"] = {"text": turbomind_metrics(text), "vision": turbomind_metrics(vision) if vision else None}
+    r["metrics"] = {"text": turbomind_metrics(text)}
     r["runs"] = []
     for hist in a.history_list:
         for n in a.users_list:
@@ -155,6 +155,7 @@ def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
             r["vision"] = {n: vision_users(vision, n) for n in (1, 8)}
         except Exception as e:  # noqa: BLE001
             r["vision"] = {"error": repr(e)[:300]}
+        r["metrics"]["vision"] = turbomind_metrics(vision)  # after it ran: the metrics update with each step
     mem = gpu_memory()
     r["free_mib_end"] = mem.free_mib if mem else None
     return r
@@ -313,17 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ballast(a.free_gib) as ball:
         print("ballast:", ball, flush=True)
-        for kv in a.kv_list:
-            left = a.budget_s - (time.perf_counter() - t0)
+        for i, kv in enumerate(a.kv_list):
+            left = (a.budget_s - (time.perf_counter() - t0)) / (len(a.kv_list) - i)  # this setting's share
             if left < 60:
                 results.append({"kv": kv, "skipped": "time budget"})
                 continue
             log_path = OUT / f"a10_capacity-{kv}.log"
             cmd = [sys.executable, "-m", "bench.a10_capacity", *child_args(a), "--child", kv, "--budget-s", str(left - 45)]
-            with open(log_path, "w") as log:
-                rc = subprocess.run(
-                    cmd, env={**os.environ, "TM_LOG_LEVEL": "INFO"}, stdout=log, stderr=subprocess.STDOUT, timeout=left + 60
-                ).returncode
+            try:
+                with open(log_path, "w") as log:
+                    env = {**os.environ, "TM_LOG_LEVEL": "INFO"}
+                    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=left + 60).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
             path = OUT / f"a10_capacity-{kv}.json"
             r = (
                 json.loads(path.read_text())
