@@ -25,8 +25,9 @@ import sys
 import time
 from datetime import date
 
+from bench.pages import gradio_phases, users_on_pages, wait_ready
 from bench.runs import OUT, TEXT, VISION, save
-from bench.sse_client import gradio_phases, image_users, users_on_pages, wait_ready
+from bench.sse_client import image_users
 from bench.workload import seam_users, spread, summarize
 
 PORT = 7860

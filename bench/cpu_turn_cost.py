@@ -74,7 +74,7 @@ async def http_new_vs_returning(n: int = 30) -> dict:
     """The same cheap queue=False event (the page's 1 s status tick) with a new session hash vs a returning one."""
     import httpx  # noqa: PLC0415
 
-    from bench.sse_client import Page, deps_where, input_defaults  # noqa: PLC0415
+    from bench.pages import Page, deps_where, input_defaults  # noqa: PLC0415
 
     async with httpx.AsyncClient(timeout=60) as http:
         config = (await http.get(URL + "config")).json()
@@ -101,7 +101,8 @@ async def turn_anatomy() -> dict:
     """What one press of Enter runs: the events of the chain and whether each goes through the queue."""
     import httpx  # noqa: PLC0415
 
-    from bench.sse_client import fn_index, then_steps  # noqa: PLC0415
+    from bench.pages import then_steps
+    from bench.sse_client import fn_index  # noqa: PLC0415
 
     async with httpx.AsyncClient(timeout=60) as http:
         config = (await http.get(URL + "config")).json()
@@ -121,7 +122,7 @@ async def payload(new_tokens: int, turns: int) -> dict:
     """One user: updates and SSE bytes per turn as the conversation grows (does an update's cost grow with it?)."""
     import httpx  # noqa: PLC0415
 
-    from bench.sse_client import Page, gradio_phases  # noqa: PLC0415
+    from bench.pages import Page, gradio_phases  # noqa: PLC0415
 
     rows = []
     async with httpx.AsyncClient(timeout=120) as http:
@@ -152,7 +153,7 @@ async def clear_phases() -> dict:
     """Gradio's timings of the chat event since the last call (and clear them)."""
     import httpx  # noqa: PLC0415
 
-    from bench.sse_client import gradio_phases  # noqa: PLC0415
+    from bench.pages import gradio_phases  # noqa: PLC0415
 
     async with httpx.AsyncClient(timeout=60) as http:
         return await gradio_phases(http, URL)
@@ -160,7 +161,7 @@ async def clear_phases() -> dict:
 
 def concurrency(users: list[int], new_tokens: int, token_ms: float) -> dict:
     """Returning users through the app against the same fake engine driven directly (the seam), at once."""
-    from bench.sse_client import users_on_pages  # noqa: PLC0415
+    from bench.pages import users_on_pages  # noqa: PLC0415
     from bench.workload import seam_users, summarize  # noqa: PLC0415
 
     out = {}
@@ -189,7 +190,7 @@ def concurrency(users: list[int], new_tokens: int, token_ms: float) -> dict:
 
 
 def burst(n: int, new_tokens: int) -> dict:
-    from bench.sse_client import users_on_pages  # noqa: PLC0415
+    from bench.pages import users_on_pages  # noqa: PLC0415
     from bench.workload import summarize  # noqa: PLC0415
 
     turns, wall, loads = asyncio.run(users_on_pages(URL, n, 1, new_tokens, new_visitors=True))
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve:
         serve(a.token_ms)
         return 0
-    from bench.sse_client import wait_ready  # noqa: PLC0415
+    from bench.pages import wait_ready  # noqa: PLC0415
 
     res: dict = {"machine": f"CPU, {os.cpu_count()} cores, FakeEngine at {a.token_ms} ms/token per user"}
     res["new_session_in_process"] = new_session_cost(a.token_ms)

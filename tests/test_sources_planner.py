@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from model_loader.weights import sources
 from model_loader.weights.quantize import awq_command, awq_dir_for, ensure_awq
 from model_loader.weights.resolve import resolve_text, resolve_vision
 from model_loader.weights.validation import vision_model_problems
+from tests.test_planner import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,16 +123,6 @@ def test_fp16_is_quantized_once_and_cached(tiny_models, copy_model):
 def test_awq_command_group_128():
     cmd = awq_command(Path("/m"), Path("/w"))
     assert cmd[cmd.index("--w-group-size") + 1] == "128" and cmd[cmd.index("--calib-dataset") + 1] == "wikitext2"
-
-
-def run_app(*args, env=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )
 
 
 def test_cli_check_good_and_broken(tiny_models, copy_model):
