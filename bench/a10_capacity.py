@@ -2,7 +2,7 @@
 users hold conversations of 1k and 3k tokens of history over several turns, for each KV setting.
 
     python -m bench.a10_capacity [--kv none,int8,int4] [--users 1,8,16,32] [--history 1024,3072] [--turns 3]
-                                 [--new-tokens 256] [--via seam|app] [--budget-s 540]
+                                 [--new-tokens 256] [--via seam|app] [--budget-s 480]
 
 Each KV setting runs in a fresh process (the engines restart) beside one ballast process (bench/ballast.py). The
 seam mode drives LmdeployEngine.stream, as the UI does; `--via app` starts `python -m bench.serve` and drives it
@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--turns", type=int, default=3, help="turns each user takes")
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens of each reply (ignore_eos)")
     ap.add_argument("--via", choices=("seam", "app"), default="seam")
-    ap.add_argument("--budget-s", type=float, default=540, help="stop starting new measurements after this long")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this long")
     ap.add_argument("--free-gib", type=float, default=FREE_GIB)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # one KV setting, run by the parent
     a = ap.parse_args(argv)
@@ -56,7 +56,7 @@ def app_config(kv: str, **kw):
 
 def planned(kv: str) -> dict:
     """The planner's view of this card now, for this KV setting: blocks and tokens per engine, and the plan text."""
-    from model_loader.memory import planner  # noqa: PLC0415
+    from model_loader.memory import kv_cache, planner  # noqa: PLC0415
     from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
 
     cfg = app_config(kv)
@@ -67,9 +67,9 @@ def planned(kv: str) -> dict:
         e.kind: {
             "blocks": e.kv_blocks,
             "tokens": e.kv_tokens,
-            "block_mib": round(e.kv_bytes_per_token * planner.CACHE_BLOCK_SEQ_LEN / 2**20, 3),
+            "block_mib": round(e.kv_bytes_per_token * kv_cache.CACHE_BLOCK_SEQ_LEN / 2**20, 3),
             "used_after_mib": round(plan.used_after(i)),
-            **planner.capacity(e),
+            **kv_cache.capacity(e),
         }
         for i, e in enumerate(plan.engines)
     }
@@ -80,6 +80,25 @@ def planned(kv: str) -> dict:
         "engines": engines,
         "text": planner.format_plan(plan),
     }
+
+
+def grid(a: argparse.Namespace, kv: str, deadline: float, measure) -> list[dict]:
+    """Every history length x user count, each `measure(history, users) -> dict`, until the deadline; a failed
+    measurement is recorded and the next one runs."""
+    runs = []
+    for hist in a.history_list:
+        for n in a.users_list:
+            key = {"history": hist, "users": n}
+            if time.perf_counter() > deadline:
+                runs.append({**key, "skipped": "time budget"})
+                continue
+            try:
+                runs.append({**key, **measure(hist, n)})
+            except Exception as e:  # noqa: BLE001 - record and go on
+                traceback.print_exc()
+                runs.append({**key, "error": repr(e)[:300]})
+            print("RUN", kv, json.dumps(runs[-1]), flush=True)
+    return runs
 
 
 def turbomind_metrics(engine) -> dict:
@@ -136,25 +155,14 @@ def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
         r["error"] = "the text engine did not start"
         return r
     asyncio.run(seam_users(text, 1, 64, 1, 8, 60))  # warm-up, and the metrics get their first update
-    r["metrics"] = {"text": turbomind_metrics(text), "vision": turbomind_metrics(vision) if vision else None}
-    r["runs"] = []
-    for hist in a.history_list:
-        for n in a.users_list:
-            key = {"history": hist, "users": n}
-            if time.perf_counter() > deadline:
-                r["runs"].append({**key, "skipped": "time budget"})
-                continue
-            try:
-                r["runs"].append({**key, **asyncio.run(seam_users(text, n, hist, a.turns, a.new_tokens, 240))})
-            except Exception as e:  # noqa: BLE001 - record and go on
-                traceback.print_exc()
-                r["runs"].append({**key, "error": repr(e)[:300]})
-            print("RUN", kv, json.dumps(r["runs"][-1]), flush=True)
+    r["metrics"] = {"text": turbomind_metrics(text)}
+    r["runs"] = grid(a, kv, deadline, lambda hist, n: asyncio.run(seam_users(text, n, hist, a.turns, a.new_tokens, 240)))
     if vision and time.perf_counter() < deadline:
         try:
             r["vision"] = {n: vision_users(vision, n) for n in (1, 8)}
         except Exception as e:  # noqa: BLE001
             r["vision"] = {"error": repr(e)[:300]}
+        r["metrics"]["vision"] = turbomind_metrics(vision)  # after it ran: the metrics update with each step
     mem = gpu_memory()
     r["free_mib_end"] = mem.free_mib if mem else None
     return r
@@ -164,7 +172,7 @@ def run_setting_app(a: argparse.Namespace, kv: str, deadline: float) -> dict:
     """One KV setting through the launched app (`python -m bench.serve`), users over SSE, one session each."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    from bench.sse_client import app_conversations, wait_ready  # noqa: PLC0415
+    from bench.pages import app_conversations, wait_ready  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(str(TEXT), trust_remote_code=True)
 
@@ -182,20 +190,12 @@ def run_setting_app(a: argparse.Namespace, kv: str, deadline: float) -> dict:
         )
     try:
         r["startup"] = asyncio.run(wait_ready(url, 300))
-        r["runs"] = []
-        for hist in a.history_list:
-            for n in a.users_list:
-                key = {"history": hist, "users": n}
-                if time.perf_counter() > deadline:
-                    r["runs"].append({**key, "skipped": "time budget"})
-                    continue
-                try:
-                    turns, wall = asyncio.run(app_conversations(url, n, hist, a.turns, a.new_tokens, count_tokens))
-                    r["runs"].append({**key, **summarize(turns, wall)})
-                except Exception as e:  # noqa: BLE001
-                    traceback.print_exc()
-                    r["runs"].append({**key, "error": repr(e)[:300]})
-                print("RUN", kv, json.dumps(r["runs"][-1]), flush=True)
+
+        def measure(hist: int, n: int) -> dict:
+            turns, wall = asyncio.run(app_conversations(url, n, hist, a.turns, a.new_tokens, count_tokens))
+            return summarize(turns, wall)
+
+        r["runs"] = grid(a, kv, deadline, measure)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -313,17 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ballast(a.free_gib) as ball:
         print("ballast:", ball, flush=True)
-        for kv in a.kv_list:
-            left = a.budget_s - (time.perf_counter() - t0)
+        for i, kv in enumerate(a.kv_list):
+            left = (a.budget_s - (time.perf_counter() - t0)) / (len(a.kv_list) - i)  # this setting's share
             if left < 60:
                 results.append({"kv": kv, "skipped": "time budget"})
                 continue
             log_path = OUT / f"a10_capacity-{kv}.log"
             cmd = [sys.executable, "-m", "bench.a10_capacity", *child_args(a), "--child", kv, "--budget-s", str(left - 45)]
-            with open(log_path, "w") as log:
-                rc = subprocess.run(
-                    cmd, env={**os.environ, "TM_LOG_LEVEL": "INFO"}, stdout=log, stderr=subprocess.STDOUT, timeout=left + 60
-                ).returncode
+            try:
+                with open(log_path, "w") as log:
+                    env = {**os.environ, "TM_LOG_LEVEL": "INFO"}
+                    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=left + 60).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
             path = OUT / f"a10_capacity-{kv}.json"
             r = (
                 json.loads(path.read_text())

@@ -25,8 +25,9 @@ import sys
 import time
 from datetime import date
 
+from bench.pages import gradio_phases, users_on_pages, wait_ready
 from bench.runs import OUT, TEXT, VISION, save
-from bench.sse_client import image_users, users_on_pages, wait_ready
+from bench.sse_client import image_users
 from bench.workload import seam_users, spread, summarize
 
 PORT = 7860
@@ -43,12 +44,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--burst", type=int, default=32, help="brand-new visitors at once (0: skip)")
     ap.add_argument("--api-server", action="store_true", help="also measure `lmdeploy serve api_server`")
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
+    ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
     a = ap.parse_args(argv)
     a.users_list = [int(x) for x in a.users.split(",") if x]
     return a
 
 
-def start_app(log_path) -> subprocess.Popen:
+def start_app(log_path, gradio_profile: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
     cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
     with open(log_path, "w") as log:
@@ -67,16 +69,27 @@ def app_runs(a: argparse.Namespace) -> dict:
     """Returning users: --runs runs of every user count, interleaved; each run's summary kept."""
     runs: dict[str, list] = {str(n): [] for n in a.users_list}
     asyncio.run(users_on_pages(URL, 1, 1, 16))  # warm-up
+    if a.gradio_profile:
+        asyncio.run(phases())  # clears the warm-up's timings
     for _ in range(a.runs):
         for n in a.users_list:
             turns, wall, loads = asyncio.run(users_on_pages(URL, n, a.turns, a.new_tokens))
             s = summarize(turns, wall)
+            if a.gradio_profile:
+                s["gradio"] = asyncio.run(phases())
             s["client_minus_engine_ms"] = client_minus_engine(turns)
             s["updates_median"] = sorted(t["updates"] for t in turns)[len(turns) // 2]
             s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
     return runs
+
+
+async def phases() -> dict:
+    import httpx  # noqa: PLC0415
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        return await gradio_phases(http, URL)
 
 
 def burst_runs(a: argparse.Namespace) -> list[dict]:
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     mem = gpu_memory()
     results: dict = {"gpu": mem.name if mem else "no GPU", "args": {k: v for k, v in vars(a).items() if k != "users_list"}}
-    proc = start_app(OUT / "app.log")
+    proc = start_app(OUT / "app.log", a.gradio_profile)
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))
         results["app"] = app_runs(a)

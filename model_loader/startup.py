@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError, DoesNotFit, DriverTooOld
-from model_loader.memory import planner
+from model_loader.memory import kv_cache, planner
 from model_loader.memory.gpu import gpu_memory
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Startup:
         if self.plan:
             for i, e in enumerate(self.plan.engines):
                 info["kv_tokens"][e.kind] = e.kv_tokens
-                info["capacity"][e.kind] = planner.capacity(e)
+                info["capacity"][e.kind] = kv_cache.capacity(e)
                 info["memory"].append({"engine": e.kind, "what": "planned", "MiB": round(self.plan.used_after(i))})
                 measured = self.slots[e.kind].used_mib_after
                 if measured:

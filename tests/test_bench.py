@@ -53,7 +53,7 @@ def test_summary_median_p90_and_errors():
 
 def test_a_browser_turn_runs_on_its_page_session(launched):
     """Page load, then turns on the same session hash: what a returning user does (bench_app, a10_capacity)."""
-    from bench.sse_client import users_on_pages
+    from bench.pages import users_on_pages
 
     url, (text, _), _ = launched
     turns, wall, loads = asyncio.run(users_on_pages(url, 2, 2, 16))

@@ -45,11 +45,11 @@ def test_sampling_really_applies():
 
 def test_kv_cache_defaults_to_int8_in_the_planners_blocks():
     """docs/capacity.md: int8 KV holds ~1.9x the tokens at no measurable accuracy cost (lmdeploy's evaluation)."""
-    from model_loader.memory import planner
+    from model_loader.memory.kv_cache import CACHE_BLOCK_SEQ_LEN
 
     cfg = AppConfig()
     for kind in ("text", "vision"):
         t = turbomind_config(cfg, kind, awq=kind == "text")
-        assert t.quant_policy == 8 and t.cache_block_seq_len == planner.CACHE_BLOCK_SEQ_LEN
+        assert t.quant_policy == 8 and t.cache_block_seq_len == CACHE_BLOCK_SEQ_LEN
     assert turbomind_config(AppConfig(text_kv_quant="none"), "text").quant_policy == 0
     assert turbomind_config(AppConfig(vision_kv_quant="int4"), "vision").quant_policy == 4

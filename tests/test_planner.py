@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model_loader.config import AppConfig
-from model_loader.memory import planner
+from model_loader.memory import kv_cache, planner
 
 ROOT = Path(__file__).resolve().parents[1]
 A10_GIB = 22.5
@@ -40,7 +40,7 @@ def test_kv_tokens_count_whole_blocks():
     for quant in ("none", "int8", "int4"):
         spec = dataclasses.replace(planner.INTERNLM2_1_8B_AWQ, kv_quant=quant)
         e = planner.plan_engine(spec, 5000.0, 0.4)
-        block = spec.kv_bytes_per_token * planner.CACHE_BLOCK_SEQ_LEN
+        block = spec.kv_bytes_per_token * kv_cache.CACHE_BLOCK_SEQ_LEN
         assert e.kv_tokens == e.kv_blocks * 64 and e.kv_blocks == int(e.kv_mib * 2**20 // block)
         assert e.kv_mib == pytest.approx(e.kv_blocks * block / 2**20)
 
@@ -58,20 +58,20 @@ def test_plan_text_says_tokens_and_conversations_of_1k_and_4k():
     text = next(e for e in p.engines if e.kind == "text")
     out = planner.format_plan(p)
     assert f"{text.kv_tokens:,} tokens" in out and "int8" in out
-    assert f"{planner.conversations_held(text, 1024)} conversations of 1k" in out
-    assert f"{planner.conversations_held(text, 4096)} of 4k" in out
+    assert f"{kv_cache.conversations_held(text, 1024)} conversations of 1k" in out
+    assert f"{kv_cache.conversations_held(text, 4096)} of 4k" in out
 
 
 def test_conversations_and_concurrency():
     e = planner.plan_engine(planner.INTERNLM2_1_8B_AWQ, 5000.0, 0.4)
-    assert planner.conversations_held(e, 1024) == e.kv_blocks // 16
-    assert planner.conversations_held(e, 1000) == e.kv_blocks // 16  # 1,000 tokens take 16 whole blocks
-    assert planner.conversations_held(e, 4097) == e.kv_blocks // 65
-    assert planner.concurrency_for(e, 1024, batch_size=4) == 4  # capped by the batch
-    assert planner.concurrency_for(e, 1024, batch_size=1000) == e.kv_blocks // 16
+    assert kv_cache.conversations_held(e, 1024) == e.kv_blocks // 16
+    assert kv_cache.conversations_held(e, 1000) == e.kv_blocks // 16  # 1,000 tokens take 16 whole blocks
+    assert kv_cache.conversations_held(e, 4097) == e.kv_blocks // 65
+    assert kv_cache.concurrency_for(e, 1024, batch_size=4) == 4  # capped by the batch
+    assert kv_cache.concurrency_for(e, 1024, batch_size=1000) == e.kv_blocks // 16
     tiny = dataclasses.replace(e, kv_blocks=3, kv_tokens=192)
-    assert planner.conversations_held(tiny, 4096) == 0
-    assert planner.concurrency_for(tiny, 4096, batch_size=8) == 1  # one always runs (TurboMind truncates it)
+    assert kv_cache.conversations_held(tiny, 4096) == 0
+    assert kv_cache.concurrency_for(tiny, 4096, batch_size=8) == 1  # one always runs (TurboMind truncates it)
 
 
 def test_session_length_must_fit_the_cache_or_the_plan_says_what_fits():
@@ -161,7 +161,7 @@ def test_system_info_gives_the_tab_tokens_and_conversations():
     cap = info["capacity"]["text"]
     assert cap["kv_quant"] == "int8" and cap["kv_tokens"] == text.kv_tokens == info["kv_tokens"]["text"]
     assert cap["session_len"] == 8192 and cap["session_fits"]
-    assert cap["conversations"] == {"1k": planner.conversations_held(text, 1024), "4k": planner.conversations_held(text, 4096)}
+    assert cap["conversations"] == {"1k": kv_cache.conversations_held(text, 1024), "4k": kv_cache.conversations_held(text, 4096)}
     assert info["capacity"]["vision"]["kv_quant"] == st.cfg.vision_kv_quant
 
 

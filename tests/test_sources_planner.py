@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from model_loader.weights.quantize import ensure_awq
 from model_loader.weights.resolve import resolve_text, resolve_vision
 from model_loader.weights.validation import vision_model_problems
 from tests.hub import FakeHub
+from tests.test_planner import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,16 +142,6 @@ def test_every_hub_failing_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DownloadFailed) as e:
         resolve_vision(AppConfig(vision_model="a/b", cache_dir=str(tmp_path)), env)
     assert "hf_secret" not in str(e.value) and "HF_ENDPOINT" in str(e.value)
-
-
-def run_app(*args, env=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )
 
 
 def test_cli_check_good_and_broken(tiny_models, copy_model):

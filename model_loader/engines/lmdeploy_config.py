@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from model_loader.config import AppConfig
 from model_loader.engines.seam import GenSettings
-from model_loader.memory.planner import CACHE_BLOCK_SEQ_LEN
+from model_loader.memory.kv_cache import CACHE_BLOCK_SEQ_LEN
 
 # TurboMind's online KV-cache quantization: quant_policy 8 is int8, 4 is int4, 0 keeps fp16
 QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model_loader.memory.kv_cache import CACHE_BLOCK_SEQ_LEN, KV_BITS, capacity_line, kv_bytes_per_token
+
 if TYPE_CHECKING:
     from model_loader.config import AppConfig
 
@@ -34,20 +36,6 @@ TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 330.0, 705.0
 # weights and that cache when the text engine is sized (the H200 run: text blocks 161 reported, 161 planned). The
 # H100 run left 129 MiB more free after both had answered (engines-h100.json): the plan errs on the safe side.
 VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 607.0, 1366.0
-
-# TurboMind's KV cache (src/turbomind/kernels/attention/block.h, models/llama/SequenceManager.cc at v0.11.1):
-# blocks of cache_block_seq_len tokens; per layer, KV head and token, K and V each hold head_dim values of
-# `bits`, and when quantized (quant_policy 8 or 4) an fp16 scale and an fp16 zero each.
-CACHE_BLOCK_SEQ_LEN = 64
-KV_BITS = {"none": 16, "int8": 8, "int4": 4}
-KV_PARAM_BYTES = 2 * 2  # fp16 scale + fp16 zero, per token, head and K or V
-CONVERSATION_SIZES = (1024, 4096)  # what --plan and the System tab count conversations of
-
-
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_quant: str = "none") -> int:
-    """Bytes one token takes in TurboMind's KV cache at this setting ("none" is fp16), scales and zeros included."""
-    params = 0 if kv_quant == "none" else KV_PARAM_BYTES
-    return layers * kv_heads * 2 * (head_dim * KV_BITS[kv_quant] // 8 + params)
 
 
 @dataclass(frozen=True)
@@ -189,29 +177,18 @@ def spec_from_path(path: str | Path, name: str) -> ModelSpec:
 
 
 # The shipped models' shapes, so `--plan` works before anything is downloaded.
+INTERNLM2_1_8B_SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 24,
+    "vocab_size": 92544,
+}
 INTERNLM2_1_8B_AWQ = spec_from_config(
-    {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "num_hidden_layers": 24,
-        "vocab_size": 92544,
-        "quantization_config": {"group_size": 128},
-    },
-    "internlm2-chat-1_8b (4-bit AWQ)",
+    {**INTERNLM2_1_8B_SHAPE, "quantization_config": {"group_size": 128}}, "internlm2-chat-1_8b (4-bit AWQ)"
 )
-INTERNLM2_1_8B_FP16 = spec_from_config(
-    {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "num_hidden_layers": 24,
-        "vocab_size": 92544,
-    },
-    "internlm2-chat-1_8b (fp16)",
-)
+INTERNLM2_1_8B_FP16 = spec_from_config(INTERNLM2_1_8B_SHAPE, "internlm2-chat-1_8b (fp16)")
 LLAVA_1_5_7B = spec_from_config({"text_config": {"vocab_size": 32064}, "vision_config": {}}, "llava-1.5-7b-hf (fp16)")
 LLAVA_1_5_7B_AWQ = spec_from_config(
     {"text_config": {"vocab_size": 32064, "quantization_config": {"group_size": 128}}, "vision_config": {}},
@@ -238,18 +215,6 @@ def plan_engine(spec: ModelSpec, free_mib: float, ratio: float, session_len: int
         spec.kv_bytes_per_token,
         session_len,
     )
-
-
-def conversations_held(engine: EnginePlan, conversation_tokens: int) -> int:
-    """How many conversations of this many tokens (history and reply) the cache holds at once, in whole blocks."""
-    per_conversation = -(-max(1, conversation_tokens) // CACHE_BLOCK_SEQ_LEN)
-    return engine.kv_blocks // per_conversation
-
-
-def concurrency_for(engine: EnginePlan, conversation_tokens: int, batch_size: int) -> int:
-    """Conversations to run at once: what the cache holds, capped by the batch size, and at least one (TurboMind
-    still runs one conversation longer than its cache, cut to what fits)."""
-    return max(1, min(batch_size, conversations_held(engine, conversation_tokens)))
 
 
 def plan_order(
@@ -397,33 +362,6 @@ def plan_for_config(
     sessions = {"text": cfg.text_session_len, "vision": cfg.vision_session_len}
     specs = [dataclasses.replace(s, kv_quant=quant[s.kind]) for s in specs]
     return best_plan(specs, gpu_total_mib, free_mib, cfg.kv_ratio, cfg.load_order, sessions, used_mib)
-
-
-def capacity(e: EnginePlan) -> dict:
-    """One engine's cache as plain data (for the System tab): tokens, precision and conversations held at once."""
-    return {
-        "kv_quant": e.kv_quant,
-        "kv_tokens": e.kv_tokens,
-        "kv_blocks": e.kv_blocks,
-        "kv_bytes_per_token": e.kv_bytes_per_token,
-        "session_len": e.session_len,
-        "session_fits": e.session_fits,
-        "conversations": {f"{n // 1024}k": conversations_held(e, n) for n in CONVERSATION_SIZES},
-    }
-
-
-def capacity_line(e: EnginePlan) -> str:
-    """'text cache (int8, 49.5 KiB/token): 21,888 tokens; at once 21 conversations of 1k, 5 of 4k; session ...'."""
-    held = [conversations_held(e, n) for n in CONVERSATION_SIZES]
-    sizes = [f"{h} of {n // 1024}k" for h, n in zip(held, CONVERSATION_SIZES)]
-    sizes[0] = sizes[0].replace(" of ", " conversation of " if held[0] == 1 else " conversations of ", 1)
-    session = ""
-    if e.session_len:
-        session = f"; session {e.session_len:,} " + ("fits" if e.session_fits else "does not fit")
-    return (
-        f"{e.kind} cache ({e.kv_quant if e.kv_quant != 'none' else 'fp16'}, {e.kv_bytes_per_token / 1024:.1f} KiB/token): "
-        f"{e.kv_tokens:,} tokens; at once {', '.join(sizes)}{session}"
-    )
 
 
 def format_plan(p: Plan) -> str:

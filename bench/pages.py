@@ -1,0 +1,180 @@
+"""Browser-like users of the app: a Page is one tab (its load events make the session, then turns on it, and its
+timers), built on the SSE client in bench/sse_client.py; plus waiting for the app and reading Gradio's own timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+
+from bench.sse_client import chat_result, client_limits, fn_index, post_once_more, stream_call
+from bench.workload import history_of, question
+
+
+def deps_where(config: dict, event: str) -> list[dict]:
+    """The page's dependencies triggered by an event name ('load', 'tick', ...)."""
+    return [d for d in config["dependencies"] if any(t[1] == event for t in d.get("targets") or [])]
+
+
+def then_steps(config: dict, fn_id: int) -> list[dict]:
+    """The `.then` steps that follow a dependency, in order (what one user action really runs)."""
+    out, nxt = [], fn_id
+    while True:
+        step = next((d for d in config["dependencies"] if d.get("trigger_after") == nxt), None)
+        if step is None:
+            return out
+        out.append(step)
+        nxt = step["id"]
+
+
+def input_defaults(config: dict, dep: dict) -> list:
+    """What the page would send for a dependency's inputs before the user touched anything."""
+    values = {c["id"]: (c.get("props") or {}).get("value") for c in config["components"]}
+    return [values.get(i) for i in dep.get("inputs") or []]
+
+
+class Page:
+    """One browser tab: a session hash made at page load, the page's load events, then turns on that session.
+
+    A browser runs `queue=False` events as POST /run/predict and queued ones through /queue/join and the session's
+    SSE stream; a turn is the submit event, the queued reply, and the `.then` that saves the history."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, config: dict) -> None:
+        self.http, self.url, self.config = http, url, config
+        self.session = uuid.uuid4().hex[:11]
+        self.add = fn_index(config, "add_message")
+        self.chat = fn_index(config, "chat")
+        self.after_chat = [d["id"] for d in then_steps(config, self.chat)]
+        self.ticks = deps_where(config, "tick")
+
+    async def predict(self, index: int, data: list) -> list:
+        body = {"data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": None}
+        r = await post_once_more(self.http, self.url + "gradio_api/run/predict", body)
+        r.raise_for_status()
+        return r.json()["data"]
+
+    async def load(self) -> float:
+        """The page's load events, as a browser runs them on opening the page; returns their wall time (s)."""
+        t0 = time.perf_counter()
+        await asyncio.gather(*[self.predict(d["id"], input_defaults(self.config, d)) for d in deps_where(self.config, "load")])
+        return time.perf_counter() - t0
+
+    async def turn(self, history: list, text: str, max_new: int = 256) -> dict:
+        """Type a message and press Enter: first text is timed from the submit, as the user waits for it."""
+        t0 = time.perf_counter()
+        _, history = await self.predict(self.add, [text, history])
+        call = await stream_call(self.http, self.url, self.chat, [history, "", 0.0, 0.8, 40, max_new, 1.0, 0], self.session)
+        for idx in self.after_chat:
+            await self.predict(idx, [(call["outputs"] or [history])[0]])
+        res = chat_result(call)
+        first = call["first"] or call["end"]
+        res["first_ms"] = round(1000 * (first - t0), 1) if call["first"] else None
+        res["bytes"] = call["bytes"]
+        res["history"] = (call["outputs"] or [history])[0]
+        return res
+
+    async def poll(self, stop: asyncio.Event, every_s: float = 1.0) -> int:
+        """The page's timers, as an open tab runs them, until `stop`; returns how many ticks were sent."""
+        n = 0
+        while not stop.is_set():
+            for d in self.ticks:
+                if (d.get("every") or every_s) <= every_s:
+                    await self.predict(d["id"], input_defaults(self.config, d))
+                    n += 1
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except asyncio.TimeoutError:
+                pass
+        return n
+
+
+def text_history(messages: list[dict]) -> list[dict]:
+    """Engine-style messages as a Chatbot value (what the page holds after earlier turns)."""
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+async def users_on_pages(
+    url: str, users: int, turns: int, max_new: int, histories: list[list] | None = None, new_visitors: bool = False
+) -> tuple[list[dict], float, dict]:
+    """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
+    at once; returns every turn's result, the wall time, and page-load timings."""
+    async with httpx.AsyncClient(timeout=600, limits=client_limits(users)) as http:
+        config = (await http.get(url + "config")).json()
+        pages = [Page(http, url, config) for _ in range(users)]
+        loads: list[float] = []
+        if not new_visitors:
+            loads = list(await asyncio.gather(*[p.load() for p in pages]))
+
+        async def one(i: int, page: Page) -> list[dict]:
+            out = []
+            if new_visitors:
+                out_load = await page.load()
+                loads.append(out_load)
+            history = list((histories or [[]] * users)[i])
+            for t in range(turns):
+                r = await page.turn(history, question(i, t)["content"], max_new)
+                history = r.pop("history")
+                r["turn"] = t
+                out.append(r)
+            return out
+
+        t0 = time.perf_counter()
+        per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
+        wall = time.perf_counter() - t0
+    loads_ms = sorted(round(1000 * x, 1) for x in loads)
+    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms}
+
+
+async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:
+    """a10_capacity --via app: users with `history_tokens` of earlier conversation on their page, `turns` turns."""
+    histories = [text_history(history_of(u, history_tokens, count_tokens)) for u in range(users)]
+    turns_out, wall, _ = await users_on_pages(url, users, turns, max_new, histories)
+    return turns_out, wall
+
+
+async def wait_ready(url: str, timeout_s: float = 300) -> dict:
+    """Wait until the page serves and every engine is ready, failed or disabled; returns the timings."""
+    t0 = time.perf_counter()
+    ui_s = None
+    async with httpx.AsyncClient(timeout=30) as http:
+        while time.perf_counter() - t0 < timeout_s:
+            try:
+                config = (await http.get(url + "config")).json()
+                ui_s = ui_s or time.perf_counter() - t0
+                call = await stream_call(http, url, fn_index(config, "status"), [])
+                status = (call["outputs"] or [{}])[0]
+                if status and all(v["state"] in ("ready", "failed", "disabled") for v in status.values()):
+                    return {"ui_up_s": round(ui_s, 1), "ready_s": round(time.perf_counter() - t0, 1), "status": status}
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"the app at {url} was not ready in {timeout_s:.0f} s")
+
+
+async def gradio_phases(http: httpx.AsyncClient, url: str, fn_name: str = "chat", clear: bool = True) -> dict:
+    """Gradio's own per-event timings (the app started with GRADIO_PROFILING=1) for one function since the last
+    clear: medians of queue wait and total, and the per-update postprocess + diff cost in ms."""
+    r = await http.get(url + "gradio_api/profiling/traces")
+    if r.status_code != 200:
+        return {"error": f"profiling off ({r.status_code}): start the app with GRADIO_PROFILING=1"}
+    traces = [t for t in r.json() if t.get("fn_name") == fn_name]
+    if clear:
+        await http.post(url + "gradio_api/profiling/clear")
+    if not traces:
+        return {"events": 0}
+
+    def med(values: list[float]) -> float:
+        v = sorted(values)
+        return round(v[len(v) // 2], 3)
+
+    per_update = [(t["postprocess_ms"] + t["streaming_diff_ms"]) / max(1, t["n_iterations"]) for t in traces]
+    return {
+        "events": len(traces),
+        "queue_wait_ms": med([t["queue_wait_ms"] for t in traces]),
+        "total_ms": med([t["total_ms"] for t in traces]),
+        "updates": med([t["n_iterations"] for t in traces]),
+        "postprocess_and_diff_ms_per_update": med(per_update),
+    }
