@@ -64,6 +64,7 @@ class EngineInfo:
     session_len: int = 0
     batch_size: int = 0
     load_s: float = 0.0
+    capacity: int = 0  # conversations the engine can serve at once (its KV cache and batch); 0 = unknown
 
 
 @runtime_checkable
