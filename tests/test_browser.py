@@ -1,45 +1,69 @@
-"""The page in a real browser (Debian's chromium via Playwright): send, watch it stream, Stop, upload an image,
-and HTML in a message shown as text, never run."""
+"""The page in a real browser (Debian's chromium via Playwright), used as people use it: typing and pressing Enter,
+pressing Stop mid-stream, uploading odd files, on a phone and a laptop, in English and Chinese."""
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
-from PIL import Image
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM),
-    reason="Debian's chromium is not installed (apt-get install chromium)",
-)
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
+from tests.browser import chromium, new_page, skip_without_chromium
+from tests.conftest import fake_startup
+from tests.fakes import FakeEngine
+
+pytestmark = skip_without_chromium
+PHONE, LAPTOP = (390, 844), (1366, 768)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The real page over fake engines, launched once for this module; (url, text engine, vision engine, startup)."""
+    from ui.page import build_demo, launch_kwargs
+
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
+    text, vision = FakeEngine("text"), FakeEngine("vision")
+    st = fake_startup(text, vision, host="127.0.0.1", port=7860, max_image_pixels=60_000_000)
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+    kw = launch_kwargs(st.cfg, i18n)
+    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(**kw)
+    yield url, text, vision, st
+    demo.close()
+    if old is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
-def page(launched):
-    from playwright.sync_api import sync_playwright
+def engines(app):
+    """The fake engines, reset to quick echoing for each test."""
+    _, text, vision, _ = app
+    for e in (text, vision):
+        e.queue.clear()
+        e.delay_s = 0.01
+        e.stopped.clear()
+    return text, vision
 
-    url, engines, st = launched
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        pg = browser.new_page()
-        pg.set_default_timeout(20_000)
-        pg.goto(url)
-        pg.wait_for_selector("#chat-input textarea")
-        pg.wait_for_selector("#chat-send:not([disabled])")
-        pg.wait_for_timeout(500)  # let the first status refresh land before typing
-        yield pg, engines
-        browser.close()
+
+@pytest.fixture
+def page(app, browser, engines):
+    with new_page(browser, app[0]) as pg:
+        ready(pg)
+        yield pg
+
+
+def ready(pg) -> None:
+    """Wait until the page has loaded and the engine state has reached the Send button."""
+    pg.wait_for_selector("#chat-input textarea")
+    pg.wait_for_selector("#chat-send:not([disabled])")
 
 
 def bot_text(pg, chatbot="#chatbot") -> str:
@@ -47,77 +71,280 @@ def bot_text(pg, chatbot="#chatbot") -> str:
     return bots.last.inner_text() if bots.count() else ""
 
 
-def send(pg, text: str) -> None:
-    """Type like a user and press Send once the box holds the text."""
-    box = pg.locator("#chat-input textarea")
-    box.fill(text)
-    pg.wait_for_function("t => document.querySelector('#chat-input textarea').value === t", arg=text)
-    pg.wait_for_timeout(150)
-    pg.click("#chat-send")
+def page_has(pg, text: str, where: str = "body") -> None:
+    try:
+        pg.wait_for_function("([w, t]) => document.querySelector(w)?.innerText?.includes(t)", arg=[where, text])
+    except Exception:
+        shot = f"/tmp/page_has-{abs(hash(text))}.png"
+        pg.screenshot(path=shot, full_page=True)
+        raise AssertionError(f"{text!r} never appeared in {where}: {pg.inner_text(where)[-300:]!r} (see {shot})") from None
 
 
-def test_send_stream_stop(page):
-    pg, (text, _) = page
-    text.delay_s = 0.05
-    text.enqueue(" ".join(f"word{i}" for i in range(300)))
-    send(pg, "Tell me a long story")
-    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('word5')")
-    first = bot_text(pg)
-    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('word15')")
-    assert len(bot_text(pg)) > len(first), "the reply did not stream"
+def type_and_enter(pg, text: str, box: str = "#chat-input textarea") -> None:
+    """Type like a person and press Enter."""
+    pg.click(box)
+    pg.keyboard.type(text)
+    pg.keyboard.press("Enter")
+
+
+def long_reply(engine: FakeEngine, words: int = 60, delay_s: float = 0.03) -> None:
+    engine.delay_s = delay_s
+    engine.enqueue(" ".join(f"word{i}" for i in range(words)))
+
+
+def enabled(pg, selector: str) -> bool:
+    return pg.evaluate("s => !document.querySelector(s).disabled", selector)
+
+
+def wait_enabled(pg, selector: str, on: bool = True) -> None:
+    pg.wait_for_function("([s, on]) => document.querySelector(s) && document.querySelector(s).disabled !== on",
+                         arg=[selector, on])  # fmt: skip
+
+
+def no_sideways_scroll(pg) -> None:
+    assert pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways"
+
+
+def no_object_object(pg) -> None:
+    assert "[object Object]" not in pg.evaluate("document.documentElement.outerHTML")
+
+
+# ---- the matrix of issue 13: phone and laptop, English and Chinese ----
+
+WORDS = {
+    "en-US": {"send": "Send", "image_tab": "Image chat", "examples": "Examples"},
+    "zh-CN": {"send": "发送", "image_tab": "图片对话", "examples": "示例"},
+}
+
+
+@pytest.mark.parametrize("size", [PHONE, LAPTOP], ids=["phone", "laptop"])
+@pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
+def test_type_enter_stream_and_controls(app, browser, engines, size, locale):
+    text, _ = engines
+    words = WORDS[locale]
+    with new_page(browser, app[0], *size, locale=locale) as pg:
+        ready(pg)
+        page_has(pg, words["send"], "#chat-send")
+        no_sideways_scroll(pg)
+        lines = pg.evaluate(
+            "(() => { const h = document.querySelector('#app-header h1');"
+            " return h.getBoundingClientRect().height / parseFloat(getComputedStyle(h).lineHeight); })()"
+        )
+        assert lines < 2.5, f"the heading takes {lines:.1f} lines"
+        if size == PHONE:
+            box = pg.locator("#chat-input textarea").bounding_box()
+            assert box["width"] > 0.9 * (size[0] - 16), "the message box does not take the phone's width"
+        assert not enabled(pg, "#chat-stop"), "Stop is live with nothing running"
+
+        long_reply(text)
+        type_and_enter(pg, "tell me a story")
+        page_has(pg, "word3", "#chatbot")
+        first = bot_text(pg)
+        assert not enabled(pg, "#chat-send") and not enabled(pg, "#chat-regenerate") and enabled(pg, "#chat-stop")
+        page_has(pg, "word20", "#chatbot")
+        assert len(bot_text(pg)) > len(first), "the reply did not stream"
+        page_has(pg, "tokens/s", "#chat-stats")
+        wait_enabled(pg, "#chat-send")
+        wait_enabled(pg, "#chat-stop", on=False)
+        assert enabled(pg, "#chat-regenerate") and "word59" in bot_text(pg)
+        assert pg.input_value("#chat-input textarea") == ""
+        no_sideways_scroll(pg)
+        no_object_object(pg)
+
+        pg.get_by_role("tab", name=words["image_tab"]).click()
+        examples = pg.locator("#image-examples img")
+        examples.first.wait_for()
+        assert examples.count() == 3 and all(examples.nth(i).is_visible() for i in range(3))
+        page_has(pg, words["examples"], "#image-examples")
+        no_sideways_scroll(pg)
+        no_object_object(pg)
+        assert not pg.errors, pg.errors
+
+
+# ---- controls follow the reply (issues 12 item 2, 13) ----
+
+
+def test_shift_enter_adds_a_line_and_enter_waits_while_a_reply_streams(page, engines):
+    pg, (text, _) = page, engines
+    pg.click("#chat-input textarea")
+    pg.keyboard.type("first line")
+    pg.keyboard.press("Shift+Enter")
+    pg.keyboard.type("second line")
+    assert pg.input_value("#chat-input textarea") == "first line\nsecond line"
+    assert not text.calls or text.calls[-1][1][-1]["content"] != "first line"
+    long_reply(text, words=80)
+    pg.keyboard.press("Enter")
+    page_has(pg, "word2", "#chatbot")
+    calls = len(text.calls)
+    type_and_enter(pg, "impatient")
+    pg.keyboard.press("Enter")
+    pg.click("#chat-send", force=True)  # a disabled button: nothing happens
+    wait_enabled(pg, "#chat-send")
+    assert len(text.calls) == calls, "a second reply started while one was streaming"
+    assert pg.input_value("#chat-input textarea") == "impatient", "the typed message was lost"
+    assert "first line\nsecond line" in text.calls[-1][1][-1]["content"]
+    type_and_enter(pg, "")
+    page_has(pg, "You said: impatient", "#chatbot")
+
+
+def test_stop_ends_the_reply_and_gives_the_controls_back(page, engines):
+    pg, (text, _) = page, engines
+    long_reply(text, words=400, delay_s=0.05)
+    type_and_enter(pg, "Tell me a long story")
+    page_has(pg, "word5", "#chatbot")
     pg.click("#chat-stop")
-    pg.wait_for_timeout(800)
+    page_has(pg, "Stopped", "#chat-stats")
+    wait_enabled(pg, "#chat-send")
+    wait_enabled(pg, "#chat-stop", on=False)
     stopped_at = bot_text(pg)
-    pg.wait_for_timeout(800)
-    assert bot_text(pg) == stopped_at and "word299" not in stopped_at
+    pg.wait_for_timeout(500)
+    assert bot_text(pg) == stopped_at and "word399" not in stopped_at
     assert text.stopped and text.active_sessions() == 0
-    assert "stopped" in pg.locator("#chat-stats").inner_text().lower()
-    if os.environ.get("SCREENSHOT"):  # refreshes the README's picture: SCREENSHOT=ui/assets/screenshot.png
-        pg.set_viewport_size({"width": 1280, "height": 900})
-        pg.screenshot(path=os.environ["SCREENSHOT"], full_page=True)
 
 
-def test_html_in_a_message_is_text(page):
-    pg, _ = page
-    evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>hello'
-    send(pg, evil)
-    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said')")
-    pg.wait_for_timeout(300)
+def test_clear_cancels_the_running_reply_first(page, engines):
+    pg, (text, _) = page, engines
+    long_reply(text, words=400, delay_s=0.03)
+    type_and_enter(pg, "a long one")
+    page_has(pg, "word5", "#chatbot")
+    pg.click("#chat-clear")
+    pg.wait_for_function("!document.querySelector('#chatbot').innerText.includes('word')")
+    wait_enabled(pg, "#chat-send")
+    pg.wait_for_timeout(600)  # long enough for a reply that was not stopped to repaint the chat
+    assert "word" not in pg.inner_text("#chatbot") and text.active_sessions() == 0
+
+
+# ---- what the user sees of text and errors (issue 12 items 5 and 7) ----
+
+
+def test_refusals_are_readable_on_the_page(page, tmp_path):
+    pg = page
+    pg.click("#chat-input textarea")
+    pg.keyboard.press("Enter")
+    page_has(pg, "Please type a message first")
+    pg.get_by_role("tab", name="Image chat").click()
+    type_and_enter(pg, "what is this?", "#image-question textarea")
+    page_has(pg, "Upload an image first")
+    fake = tmp_path / "notes.png"
+    fake.write_text("just some text, not a picture")
+    pg.locator("#image-input input[type=file]").set_input_files(str(fake))
+    page_has(pg, "not an image we can read")
+
+
+def test_user_text_shows_literally_and_never_runs(page):
+    pg = page
+    evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+    for i, text in enumerate(("</s>", "<s>x</s> **not bold** `x` # no heading", evil)):
+        type_and_enter(pg, text)
+        pg.wait_for_function(f"document.querySelectorAll('#chatbot .bot-row').length === {i + 1}")
+        wait_enabled(pg, "#chat-send")
+        user = pg.locator("#chatbot .message-row.user-row").last
+        assert user.inner_text().replace("\u2060", "").strip() == text  # an invisible mark says "escaped"
+        assert user.locator("s, strong, code, h1, img, script").count() == 0
     assert pg.evaluate("window.__pwned") is None
-    assert pg.locator("#chatbot script").count() == 0
 
 
-def test_upload_image_and_ask(page, tmp_path):
-    pg, _ = page
+# ---- images (issue 12 item 6, issue 13) ----
+
+
+def test_upload_ask_with_enter_and_use_an_example(page, engines, tmp_path):
+    from PIL import Image
+
+    pg = page
     img = tmp_path / "photo.png"
-    Image.new("RGBA", (320, 200), (0, 128, 255, 200)).save(img)
+    Image.new("RGBA", (320, 200), (0, 128, 255, 0)).save(img)
     pg.get_by_role("tab", name="Image chat").click()
     pg.locator("#image-input input[type=file]").set_input_files(str(img))
     pg.wait_for_selector("#image-chatbot img")
-    pg.fill("#image-question textarea", "What is in this image?")
-    pg.click("#image-ask")
-    pg.wait_for_function("document.querySelector('#image-chatbot')?.innerText?.includes('I see an image of 320x200')")
+    type_and_enter(pg, "What is in this image?", "#image-question textarea")
+    page_has(pg, "I see an image of 320x200", "#image-chatbot")
+    wait_enabled(pg, "#image-ask")
+    pg.locator("#image-examples img").nth(1).click()
+    pg.wait_for_function("document.querySelector('#image-question textarea').value.includes('visitors')")
+    type_and_enter(pg, "", "#image-question textarea")
+    page_has(pg, "I see an image of 640x480 and you asked: Which month", "#image-chatbot")
 
 
-def test_reload_keeps_the_conversation(page):
-    pg, _ = page
-    send(pg, "remember this line")
-    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said: remember this line')")
-    pg.wait_for_timeout(500)  # the conversation is saved to the browser after the reply
+# ---- saved conversations (issue 13) ----
+
+
+def test_reload_keeps_the_newest_turns_when_storage_is_short(page, engines, monkeypatch):
+    import ui.chat_tab
+
+    pg = page
+    type_and_enter(pg, "remember this line")
+    page_has(pg, "You said: remember this line", "#chatbot")
+    wait_enabled(pg, "#chat-send")
     pg.reload()
-    pg.wait_for_selector("#chatbot")
-    pg.wait_for_function("document.querySelector('#chatbot')?.innerText?.includes('You said: remember this line')")
+    ready(pg)
+    page_has(pg, "You said: remember this line", "#chatbot")
+    monkeypatch.setattr(ui.chat_tab, "SAVE_BUDGET_BYTES", 1500)
+    for i in range(4):
+        type_and_enter(pg, f"turn {i} " + "x" * 300)
+        page_has(pg, f"You said: turn {i}", "#chatbot")
+        wait_enabled(pg, "#chat-send")
+    page_has(pg, "too long to keep whole", "#chat-stats")
+    pg.wait_for_timeout(300)
+    pg.reload()
+    ready(pg)
+    page_has(pg, "You said: turn 3", "#chatbot")
+    assert "remember this line" not in pg.inner_text("#chatbot")
 
 
-def test_chinese_browser_gets_chinese_labels(launched):
-    from playwright.sync_api import sync_playwright
+def test_the_save_budget_fits_the_browsers_storage(page):
+    from ui.chat_tab import SAVE_BUDGET_BYTES
 
-    url, _, _ = launched
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        pg = browser.new_page(locale="zh-CN")
-        pg.goto(url)
-        pg.wait_for_selector("#chat-send")
-        pg.wait_for_function("document.querySelector('#chat-send')?.innerText?.includes('发送')")
-        assert pg.get_by_role("tab", name="图片对话").count() == 1
-        browser.close()
+    # Gradio stores the conversation encrypted and base64-encoded: 4/3 of its JSON, plus padding
+    chars = SAVE_BUDGET_BYTES * 4 // 3 + 4096
+    assert pg_store(page, chars) == "ok"
+    assert pg_store(page, 6_000_000) != "ok", "the double is kinder than the browser: no quota at all"
+
+
+def pg_store(pg, chars: int) -> str:
+    return pg.evaluate(
+        "n => { try { localStorage.setItem('__probe', 'a'.repeat(n)); localStorage.removeItem('__probe'); return 'ok'; }"
+        " catch (e) { return e.name; } }",
+        chars,
+    )
+
+
+# ---- System tab for visitors (issue 13) ----
+
+
+def test_system_tab_without_a_gpu_says_so_and_hides_the_configuration(page):
+    pg = page
+    pg.get_by_role("tab", name="System").click()
+    page_has(pg, "No NVIDIA GPU is visible", "#system-memory")
+    page_has(pg, "ready", "#system-engines")
+    assert not pg.locator("#system-chart").is_visible()
+    assert not pg.locator("#system-config").is_visible()
+    assert "cache_dir" not in pg.inner_text("body")
+
+
+# ---- README screenshots from the test double: SCREENSHOTS=ui/assets pytest tests/test_browser.py -k screenshots ----
+
+
+@pytest.mark.skipif(not os.environ.get("SCREENSHOTS"), reason="set SCREENSHOTS=ui/assets to refresh the README's pictures")
+def test_screenshots(app, browser, engines, tmp_path):
+    text, vision = engines
+    out = os.environ["SCREENSHOTS"]
+    with new_page(browser, app[0], 1280, 860) as pg:
+        ready(pg)
+        text.enqueue(
+            "Shanghai is China's largest city and its financial centre, on the Yangtze delta.\n\n"
+            "- **The Bund**: a riverside walk of 1920s banks facing Pudong's towers.\n"
+            "- **Yu Garden**: a Ming-dynasty garden in the old town.\n"
+            "- **Food**: try *xiaolongbao*, soup dumplings, at any corner shop."
+        )
+        type_and_enter(pg, "What should I see in Shanghai in one day?")
+        page_has(pg, "soup dumplings", "#chatbot")
+        wait_enabled(pg, "#chat-send")
+        pg.screenshot(path=f"{out}/chat.png")
+        pg.get_by_role("tab", name="Image chat").click()
+        vision.enqueue("A bar chart of visitors per month: April has the most, 260 visitors, then May with 210.")
+        pg.locator("#image-examples img").nth(1).click()
+        pg.wait_for_function("document.querySelector('#image-question textarea').value.includes('visitors')")
+        type_and_enter(pg, "", "#image-question textarea")
+        page_has(pg, "April has the most", "#image-chatbot")
+        wait_enabled(pg, "#image-ask")
+        pg.screenshot(path=f"{out}/image.png")

@@ -1,12 +1,21 @@
-"""Tab "Chat": InternLM2 with streaming, stop, regenerate, undo/edit, sampling settings and exports."""
+"""Tab "Chat": InternLM2 with streaming, stop, regenerate, undo/edit, sampling settings and exports.
+
+Every event that can refuse runs in Gradio's queue, where its error reaches the page as text. While a reply
+streams, Send/Enter/Regenerate are locked in the page (Stop is the live button) and the server refuses a second
+reply in the same chat; Clear and Undo stop the reply first and wait for it to end.
+"""
 
 from __future__ import annotations
+
+import json
 
 import gradio as gr
 
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
 from ui.conversation import text_of, to_engine_messages
+from ui.files import Scratch
+from ui.user_text import clean, clean_history, shown, typed, typed_history
 
 DEFAULT_SYSTEM = (
     "You are InternLM (书生·浦语), a helpful, honest and harmless AI assistant developed by Shanghai AI "
@@ -18,13 +27,19 @@ EXAMPLES = [
     "Write a Python function that checks whether a string is a palindrome, with a short test.",
     "用 Markdown 表格比较 W4A16 量化和 FP16 推理的显存占用。",
 ]
+TAB = "text"
+# What the conversation may take in the browser's localStorage, as JSON. Gradio encrypts it to base64 (4/3), and
+# Chromium gives an origin about 5 M characters; past that saving fails silently (QuotaExceededError).
+SAVE_BUDGET_BYTES = 2_500_000
+EMPTY = "Please type a message first."
 
 
 def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
-    """Put the user's message into the chat; empty messages are refused with a note."""
-    if not message or not message.strip():
-        raise gr.Error("Please type a message first.", title="Empty message")
-    return "", (history or []) + [{"role": "user", "content": message}]
+    """Put the user's message into the chat, held so that it shows literally; empty messages are refused."""
+    message = clean(message)
+    if not message.strip():
+        raise streaming.refuse(EMPTY, "Empty message")
+    return "", clean_history(history) + [{"role": "user", "content": shown(message)}]
 
 
 async def stream_reply(
@@ -38,83 +53,128 @@ async def stream_reply(
     repetition_penalty: float,
     seed: int,
     request: gr.Request,
+    replies: streaming.Replies | None = None,
 ):
-    """Stream InternLM2's answer to the conversation's last user message."""
+    """Stream InternLM2's answer to the conversation's last user message (one reply at a time per chat)."""
     engine = streaming.engine_or_error(slot)
-    history = list(history or [])
+    history = clean_history(history)
     if not history or history[-1].get("role") != "user":
-        raise gr.Error("There is no question to answer; send a message first.", title="Nothing to answer")
+        raise streaming.refuse("There is no question to answer; send a message first.", "Nothing to answer")
+    if not typed(text_of(history[-1].get("content"))).strip():
+        raise streaming.refuse(EMPTY, "Empty message")
     settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-    messages = to_engine_messages(history, system_prompt or "", reserved=engine.info.reserved)
-    messages, notice = await streaming.fit_messages(engine, messages, engine.info.session_len or 8192, settings.max_new_tokens)
-    sid = streaming.session_id(request, "text")
-    async for update in streaming.stream_into(history, engine.stream(sid, messages, settings), notice, engine.active_sessions):
-        yield update
+    replies = replies or streaming.Replies()
+    async with replies.one(streaming.chat_key(request, TAB)):
+        messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
+        messages, notice = await streaming.fit_messages(
+            engine, messages, engine.info.session_len or 8192, settings.max_new_tokens
+        )
+        sid = streaming.session_id(request, TAB)
+        stream = engine.stream(sid, messages, settings)
+        capacity = getattr(engine.info, "capacity", 0)
+        async for update in streaming.stream_into(history, stream, notice, engine.active_sessions, capacity):
+            yield update
 
 
 async def stop_reply(slot: EngineSlot, request: gr.Request) -> str:
     """Stop this browser's running reply now (the event itself is cancelled too); the stats line says so."""
     if slot.ready:
-        await slot.engine.stop(streaming.session_id(request, "text"))
+        await slot.engine.stop(streaming.session_id(request, TAB))
     return streaming.STOPPED
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
     """Regenerate: remove the last assistant answer so the question is answered again."""
-    history = list(history or [])
+    history = clean_history(history)
     while history and history[-1].get("role") == "assistant":
         history.pop()
+    if not history:
+        raise streaming.refuse("There is nothing to answer again yet.", "Nothing to regenerate")
     return history
 
 
 def undo_last_turn(history: list[dict]) -> tuple[list[dict], str]:
     """Undo: remove the last question and its answer, and put the question back in the box to edit."""
-    history = drop_last_reply(history)
+    history = clean_history(history)
+    while history and history[-1].get("role") == "assistant":
+        history.pop()
     text = ""
     if history and history[-1].get("role") == "user":
-        text = text_of(history.pop().get("content"))
+        text = typed(text_of(history.pop().get("content")))
     return history, text
 
 
 def edit_message(history: list[dict], edit: gr.EditData) -> list[dict]:
-    """Editing a message in the chat keeps the conversation up to it, with the new text."""
-    history = list(history or [])[: edit.index + 1]
-    history[edit.index] = {"role": history[edit.index]["role"], "content": edit.value}
+    """Editing a message in the chat keeps the conversation up to it, with the new text (shown literally)."""
+    history = clean_history(history)[: edit.index + 1]
+    text = clean(text_of(edit.value))
+    if not typed(text).strip():
+        raise streaming.refuse(EMPTY, "Empty message")
+    role = history[edit.index]["role"]
+    history[edit.index] = {"role": role, "content": shown(typed(text)) if role == "user" else text}
     return history
 
 
-def build_chat_tab(slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserState) -> gr.Blocks:
+def fit_for_browser(history: list[dict], budget: int | None = None) -> tuple[list[dict], int]:
+    """The newest whole turns whose JSON fits `budget` bytes (SAVE_BUDGET_BYTES), and how many were left out."""
+    budget = SAVE_BUDGET_BYTES if budget is None else budget
+    sizes = [len(json.dumps(m, ensure_ascii=False).encode()) + 1 for m in history]
+    total, start = 2, len(history)
+    while start > 0 and total + sizes[start - 1] <= budget:
+        start -= 1
+        total += sizes[start]
+    while start < len(history) and history[start].get("role") != "user":
+        start += 1  # begin at a question, not half-way through a turn
+    return history[start:], start
+
+
+def save_note(dropped: int) -> str:
+    return (
+        f"💾 This conversation is too long to keep whole in your browser: the oldest {dropped} messages "
+        "will be gone after a reload (download it to keep everything)."
+    )
+
+
+def build_chat_tab(
+    slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserState, replies: streaming.Replies, scratch: Scratch
+) -> gr.Blocks:
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
         chatbot = gr.Chatbot(
-            label="InternLM2-Chat-1.8B",
+            show_label=False,
             elem_id="chatbot",
-            height=480,
+            height="58vh",
+            min_height=280,
             editable="user",
             buttons=["copy", "copy_all"],
             layout="bubble",
+            placeholder=i18n("chat_placeholder"),
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
         )
         stats = gr.Markdown(elem_id="chat-stats")
-        with gr.Row():
+        with gr.Row(elem_id="chat-compose", equal_height=True):
             msg = gr.Textbox(
-                label=i18n("message"),
+                show_label=False,
+                container=False,
                 placeholder=i18n("message_ph"),
-                lines=2,
-                max_lines=12,
+                lines=1,  # Gradio: Enter sends only in a one-line box; Shift+Enter adds lines up to max_lines
+                max_lines=10,
                 scale=8,
                 elem_id="chat-input",
-                submit_btn=False,
+                autofocus=True,
             )
-            with gr.Column(scale=1, min_width=120):
+            with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
                 send = gr.Button(i18n("send"), variant="primary", elem_id="chat-send")
-                stop = gr.Button(i18n("stop"), variant="stop", elem_id="chat-stop")
-        with gr.Row():
+                stop = gr.Button(i18n("stop"), variant="stop", elem_id="chat-stop", interactive=False)
+        with gr.Row(elem_classes="tool-row"):
             regen = gr.Button(i18n("regenerate"), size="sm", elem_id="chat-regenerate")
             undo = gr.Button(i18n("undo"), size="sm", elem_id="chat-undo")
             clear = gr.Button(i18n("clear"), size="sm", elem_id="chat-clear")
-        gr.Examples(EXAMPLES, inputs=msg, label=i18n("examples"))
+        with gr.Row(elem_classes="example-chips", elem_id="chat-examples"):
+            for text in EXAMPLES:  # fills the box in the page, no server round trip
+                chip = gr.Button(text, size="sm", variant="secondary", elem_classes="example-chip")
+                chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_name=False, queue=False)
         with gr.Accordion(i18n("settings"), open=False):
             system = gr.Textbox(DEFAULT_SYSTEM, label=i18n("system_prompt"), lines=3, elem_id="chat-system")
             with gr.Row():
@@ -131,41 +191,105 @@ def build_chat_tab(slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserSt
                 export_json = gr.Button(i18n("export_json"), size="sm")
             export_file = gr.File(label=i18n("export"), interactive=False)
 
+        def key(request: gr.Request) -> str:
+            return streaming.chat_key(request, TAB)
+
+        def accept(message, history, request: gr.Request):
+            replies.check(key(request))
+            return add_user_message(message, history)
+
+        def regenerate(history, request: gr.Request):
+            replies.check(key(request))
+            return drop_last_reply(history)
+
+        def edited(history, edit: gr.EditData, request: gr.Request):
+            replies.check(key(request))
+            return edit_message(history, edit)
+
         async def reply(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, request: gr.Request
         ):
             async for update in stream_reply(
-                slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, request
-            ):
+                slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                request, replies,
+            ):  # fmt: skip
                 yield update
 
-        async def stop_this(request: gr.Request) -> str:
-            return await stop_reply(slot, request)
+        async def stop_this(history, request: gr.Request):
+            note = await stop_reply(slot, request)
+            kept, dropped = fit_for_browser(clean_history(history))
+            return note, kept
+
+        async def cancel_first(request: gr.Request) -> None:
+            """Stop the running reply and wait until it has ended, so that it cannot repaint the chat after this."""
+            if replies.busy(key(request)):
+                await stop_reply(slot, request)
+                await replies.wait_idle(key(request))
+
+        async def undo_this(history, request: gr.Request):
+            await cancel_first(request)
+            history, text = undo_last_turn(history)
+            return history, text, fit_for_browser(history)[0], ""
+
+        async def clear_this(request: gr.Request):
+            await cancel_first(request)
+            return [], "", []
+
+        def save(history, stats_line):
+            kept, dropped = fit_for_browser(clean_history(history))
+            return kept, (stats_line + "\n\n" + save_note(dropped)) if dropped else gr.skip()
+
+        def unlock():
+            return gr.update(interactive=slot.ready), gr.update(interactive=False), gr.update(interactive=True)
+
+        def export(history, fmt, request):
+            session = getattr(request, "session_hash", None) or "anonymous"
+            return streaming.export_file(typed_history(clean_history(history)), fmt, scratch, session)
+
+        def export_markdown(history, request: gr.Request):
+            return export(history, "md", request)
+
+        def export_json_file(history, request: gr.Request):
+            return export(history, "json", request)
 
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
-        limit = dict(concurrency_limit=concurrency, concurrency_id="text")
+        buttons = [send, stop, regen]
+        # quick checks never wait behind replies; "minimal" progress leaves the box usable after a refusal
+        ui = dict(concurrency_limit=None, concurrency_id="ui", show_progress="minimal")
+        running = []
 
-        def chain(event, name):
-            ev = event.then(reply, [chatbot, *settings], [chatbot, stats], api_name=name, **limit)
-            ev.then(lambda h: h, chatbot, saved, api_name=False, queue=False)
-            return ev
+        lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
 
-        submitted = msg.submit(add_user_message, [msg, chatbot], [msg, chatbot], api_name="add_message", queue=False)
-        sent = send.click(add_user_message, [msg, chatbot], [msg, chatbot], api_name=False, queue=False)
-        ev_submit = chain(submitted, "chat")
-        ev_send = chain(sent, False)
-        # the API route that answers a history in one call (gradio_client, bench)
-        ev_regen = chain(regen.click(drop_last_reply, chatbot, chatbot, api_name="regenerate", queue=False), False)
-        ev_retry = chain(chatbot.retry(drop_last_reply, chatbot, chatbot, api_name=False, queue=False), False)
-        ev_edit = chain(chatbot.edit(edit_message, chatbot, chatbot, api_name=False, queue=False), False)
-        running = [ev_submit, ev_send, ev_regen, ev_retry, ev_edit]
-        stop.click(stop_this, None, stats, cancels=running, api_name="stop", queue=False)
-        undo.click(undo_last_turn, chatbot, [chatbot, msg], api_name="undo", queue=False).then(
-            lambda h: h, chatbot, saved, api_name=False, queue=False
+        def answer(triggers, check, inputs, outputs, name, api_name):
+            """Lock the controls in the page at once, check on the server, stream, then unlock and save."""
+            gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
+            accepted = gr.on(triggers, check, inputs, outputs, api_name=api_name, **ui)
+            accepted.failure(unlock, None, buttons, api_name=False, queue=False)
+            ev = accepted.success(
+                reply,
+                [chatbot, *settings],
+                [chatbot, stats],
+                api_name=name,
+                concurrency_limit=concurrency,
+                concurrency_id=TAB,
+                show_progress="minimal",
+            )
+            ev.then(unlock, None, buttons, api_name=False, queue=False)
+            ev.failure(unlock, None, buttons, api_name=False, queue=False)
+            ev.success(save, [chatbot, stats], [saved, stats], api_name=False, queue=False)
+            running.append(ev)
+
+        answer([msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message")
+        answer([regen.click], regenerate, chatbot, chatbot, False, "regenerate")
+        answer([chatbot.retry], regenerate, chatbot, chatbot, False, False)
+        answer([chatbot.edit], edited, chatbot, chatbot, False, False)
+        stop.click(stop_this, chatbot, [stats, saved], cancels=running, api_name="stop", queue=False)
+        gr.on(
+            [undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], cancels=running, api_name="undo", **ui
         )
-        chatbot.undo(undo_last_turn, chatbot, [chatbot, msg], api_name=False, queue=False)
-        clear.click(lambda: ([], "", []), None, [chatbot, stats, saved], api_name="clear", queue=False)
-        export_md.click(lambda h: streaming.export_file(h, "md"), chatbot, export_file, api_name="export_markdown")
-        export_json.click(lambda h: streaming.export_file(h, "json"), chatbot, export_file, api_name="export_json")
-    tab.chatbot, tab.status, tab.send, tab.msg, tab.saved = chatbot, status, send, msg, saved
+        clear.click(clear_this, None, [chatbot, stats, saved], cancels=running, api_name="clear", **ui)
+        export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
+        export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
+    tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
+    tab.regen = regen
     return tab

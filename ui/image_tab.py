@@ -1,8 +1,12 @@
-"""Tab "Image chat": ask LLaVA several questions about an uploaded (dropped, pasted) image; replace it any time."""
+"""Tab "Image chat": ask LLaVA several questions about an uploaded (dropped, pasted) image; replace it any time.
+
+Events that take the image run with preprocess=False: Gradio would otherwise open (and for gr.Image's default
+mode, decode and convert) the upload before our checks. We read its header first (ui.images) and show the
+converted picture as the preview, so what the user sees is what the model gets.
+"""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -10,124 +14,225 @@ import gradio as gr
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.conversation import is_image_message, to_vision_messages
+from ui.conversation import is_image_message, text_of, to_vision_messages
+from ui.example_images import write_examples
+from ui.files import Scratch
 from ui.images import load_image
+from ui.user_text import clean, clean_history, shown, typed, typed_history
+
+TAB = "vision"
+NO_IMAGE = "Upload an image first (click, drop or paste it into the image box)."
 
 
-def prepare_image(path: str | None, history: list[dict], max_pixels: int) -> tuple[list[dict], str | None]:
+def path_of(image) -> str | None:
+    """The server path of an image input: a FileData dict (preprocess=False), or a path string."""
+    if isinstance(image, dict):
+        return image.get("path") or None
+    return image or None
+
+
+def prepare_image(image, history: list[dict], max_pixels: int, scratch: Scratch, session: str) -> tuple[list[dict], str | None]:
     """A new image starts a new topic in the conversation; non-images and bombs get a clear message."""
-    history = list(history or [])
+    history = clean_history(history)
+    path = path_of(image)
     if not path:
         return history, None
     try:
         img = load_image(path, max_pixels)
     except BadInput as e:
         raise streaming.show_error(e) from e
-    out = Path(tempfile.mkdtemp(prefix="chat-image-")) / (Path(path).stem + ".png")
+    out = scratch.path(session, Path(path).stem[:60] + ".png")
     img.save(out)
     history.append({"role": "user", "content": {"path": str(out), "mime_type": "image/png"}})
     return history, str(out)
 
 
-def add_question(question: str, history: list[dict], image: str | None) -> tuple[str, list[dict]]:
+def add_question(question: str, history: list[dict], image) -> tuple[str, list[dict]]:
     """Queue a question about the current image."""
-    if not image:
-        raise gr.Error("Upload an image first (click, drop or paste it into the image box).", title="No image")
-    if not question or not question.strip():
-        raise gr.Error("Please type a question about the image.", title="Empty question")
-    return "", list(history or []) + [{"role": "user", "content": question}]
+    if not path_of(image):
+        raise streaming.refuse(NO_IMAGE, "No image")
+    question = clean(question)
+    if not question.strip():
+        raise streaming.refuse("Please type a question about the image.", "Empty question")
+    return "", clean_history(history) + [{"role": "user", "content": shown(question)}]
 
 
 async def stream_image_reply(
     slot: EngineSlot,
     max_pixels: int,
-    image: str | None,
+    image,
     history: list[dict],
     temperature: float,
     max_new_tokens: int,
     request: gr.Request,
+    replies: streaming.Replies | None = None,
 ):
-    """Stream LLaVA's answer to the last question about `image`."""
+    """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat)."""
     engine = streaming.engine_or_error(slot)
-    history = list(history or [])
-    if not image:
-        raise gr.Error("Upload an image first.", title="No image")
+    history = clean_history(history)
+    path = path_of(image)
+    if not path:
+        raise streaming.refuse(NO_IMAGE, "No image")
     if not history or history[-1].get("role") != "user" or is_image_message(history[-1]):
-        raise gr.Error("Ask a question about the image first.", title="Nothing to answer")
-    try:
-        img = load_image(image, max_pixels)
-    except BadInput as e:
-        raise streaming.show_error(e) from e
-    settings = streaming.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
-    messages = to_vision_messages(history, img, reserved=engine.info.reserved)
-    messages, notice = await streaming.fit_messages(engine, messages, engine.info.session_len or 4096, settings.max_new_tokens)
-    if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
-        messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
-    sid = streaming.session_id(request, "vision")
-    async for update in streaming.stream_into(history, engine.stream(sid, messages, settings), notice, engine.active_sessions):
-        yield update
+        raise streaming.refuse("Ask a question about the image first.", "Nothing to answer")
+    if not typed(text_of(history[-1].get("content"))).strip():
+        raise streaming.refuse("Please type a question about the image.", "Empty question")
+    replies = replies or streaming.Replies()
+    async with replies.one(streaming.chat_key(request, TAB)):
+        try:
+            img = load_image(path, max_pixels)
+        except BadInput as e:
+            raise streaming.show_error(e) from e
+        settings = streaming.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
+        messages = to_vision_messages(typed_history(history), img, reserved=engine.info.reserved)
+        messages, notice = await streaming.fit_messages(
+            engine, messages, engine.info.session_len or 4096, settings.max_new_tokens
+        )
+        if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
+            messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
+        sid = streaming.session_id(request, TAB)
+        stream = engine.stream(sid, messages, settings)
+        capacity = getattr(engine.info, "capacity", 0)
+        async for update in streaming.stream_into(history, stream, notice, engine.active_sessions, capacity):
+            yield update
 
 
 async def stop_image_reply(slot: EngineSlot, request: gr.Request) -> str:
     """Stop this browser's running image reply; the stats line says so."""
     if slot.ready:
-        await slot.engine.stop(streaming.session_id(request, "vision"))
+        await slot.engine.stop(streaming.session_id(request, TAB))
     return streaming.STOPPED
 
 
-def build_image_tab(slot: EngineSlot, i18n, concurrency: int, max_pixels: int) -> gr.Blocks:
+def build_image_tab(
+    slot: EngineSlot, i18n, concurrency: int, max_pixels: int, replies: streaming.Replies, scratch: Scratch
+) -> gr.Blocks:
     """The Image chat tab's Blocks."""
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="image-status")
-        with gr.Row():
-            with gr.Column(scale=2):
+        with gr.Row(elem_id="image-layout"):
+            with gr.Column(scale=2, min_width=280):
                 image = gr.Image(
-                    type="filepath", label=i18n("image"), sources=["upload", "clipboard"], elem_id="image-input", height=360
+                    type="filepath",
+                    image_mode=None,  # never converted by Gradio; preprocess is off for our events anyway
+                    show_label=False,
+                    sources=["upload", "clipboard"],
+                    elem_id="image-input",
+                    height=320,
                 )
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="LLaVA", elem_id="image-chatbot", height=420, buttons=["copy"])
+            with gr.Column(scale=3, min_width=280):
+                chatbot = gr.Chatbot(
+                    show_label=False,
+                    elem_id="image-chatbot",
+                    height=380,
+                    buttons=["copy"],
+                    layout="bubble",
+                    placeholder=i18n("image_placeholder"),
+                )
                 stats = gr.Markdown(elem_id="image-stats")
-        with gr.Row():
-            question = gr.Textbox(label=i18n("question"), placeholder=i18n("question_ph"), scale=8, elem_id="image-question")
-            ask = gr.Button(i18n("ask"), variant="primary", scale=1, elem_id="image-ask")
-            stop = gr.Button(i18n("stop"), variant="stop", scale=1, elem_id="image-stop")
-            clear = gr.Button(i18n("clear"), scale=1, elem_id="image-clear")
+        with gr.Row(elem_id="image-compose", equal_height=True):
+            question = gr.Textbox(
+                show_label=False,
+                container=False,
+                placeholder=i18n("question_ph"),
+                lines=1,
+                max_lines=6,
+                scale=8,
+                elem_id="image-question",
+            )
+            with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
+                ask = gr.Button(i18n("ask"), variant="primary", elem_id="image-ask")
+                stop = gr.Button(i18n("stop"), variant="stop", elem_id="image-stop", interactive=False)
+        with gr.Row(elem_classes="tool-row"):
+            clear = gr.Button(i18n("clear"), size="sm", elem_id="image-clear")
         with gr.Accordion(i18n("settings"), open=False):
             temperature = gr.Slider(0.0, 2.0, 0.2, step=0.05, label=i18n("temperature"))
             max_new = gr.Slider(16, 2048, 512, step=16, label=i18n("max_new_tokens"))
-        gr.Examples(
-            ["What is in this image?", "Describe the image in detail.", "这张图片里有什么？"],
-            inputs=question,
-            label=i18n("examples"),
-        )
+
+        def key(request: gr.Request) -> str:
+            return streaming.chat_key(request, TAB)
+
+        def session(request: gr.Request) -> str:
+            return getattr(request, "session_hash", None) or "anonymous"
+
+        def on_upload(image, history, request: gr.Request):
+            replies.check(key(request))
+            return prepare_image(image, history, max_pixels, scratch, session(request))
+
+        def accept(question, history, image, request: gr.Request):
+            replies.check(key(request))
+            return add_question(question, history, image)
 
         async def reply(image, history, temperature, max_new_tokens, request: gr.Request):
-            async for update in stream_image_reply(slot, max_pixels, image, history, temperature, max_new_tokens, request):
+            async for update in stream_image_reply(
+                slot, max_pixels, image, history, temperature, max_new_tokens, request, replies
+            ):
                 yield update
 
         async def stop_this(request: gr.Request) -> str:
             return await stop_image_reply(slot, request)
 
-        def on_upload(path, history):
-            return prepare_image(path, history, max_pixels)
+        async def clear_this(request: gr.Request):
+            if replies.busy(key(request)):
+                await stop_image_reply(slot, request)
+                await replies.wait_idle(key(request))
+            return [], None, ""
 
-        limit = dict(concurrency_limit=concurrency, concurrency_id="vision")
-        image.upload(on_upload, [image, chatbot], [chatbot, image], api_name="set_image", queue=False)
-        asked = [
-            question.submit(add_question, [question, chatbot, image], [question, chatbot], api_name="add_question", queue=False),
-            ask.click(add_question, [question, chatbot, image], [question, chatbot], api_name=False, queue=False),
-        ]
-        running = [
-            ev.then(
-                reply,
-                [image, chatbot, temperature, max_new],
-                [chatbot, stats],
-                api_name="image_chat" if i == 0 else False,
-                **limit,
-            )
-            for i, ev in enumerate(asked)
-        ]
-        stop.click(stop_this, None, stats, cancels=running, api_name="stop_image", queue=False)
-        clear.click(lambda: ([], None, ""), None, [chatbot, image, stats], api_name="clear_image", queue=False)
-    tab.status, tab.ask = status, ask
+        def unlock():
+            on = slot.ready
+            return gr.update(interactive=on), gr.update(interactive=False), gr.update(interactive=True)
+
+        ui = dict(concurrency_limit=None, concurrency_id="ui", show_progress="minimal")
+        controls = [ask, stop, image]
+        image.upload(on_upload, [image, chatbot], [chatbot, image], api_name="set_image", preprocess=False, **ui)
+        # lock in the page at once (Ask off, Stop on, the image fixed), before the server has even seen the question
+        lock = streaming.interactive_js(False, True, False)
+        gr.on([question.submit, ask.click], None, None, controls, js=lock, api_name=False, queue=False)
+        accepted = gr.on(
+            [question.submit, ask.click],
+            accept,
+            [question, chatbot, image],
+            [question, chatbot],
+            api_name="add_question",
+            preprocess=False,
+            **ui,
+        )
+        accepted.failure(unlock, None, controls, api_name=False, queue=False)
+        running = accepted.success(
+            reply,
+            [image, chatbot, temperature, max_new],
+            [chatbot, stats],
+            api_name="image_chat",
+            preprocess=False,
+            concurrency_limit=concurrency,
+            concurrency_id=TAB,
+            show_progress="minimal",
+        )
+        running.then(unlock, None, controls, api_name=False, queue=False)
+        running.failure(unlock, None, controls, api_name=False, queue=False)
+        stop.click(stop_this, None, stats, cancels=[running], api_name="stop_image", queue=False)
+        clear.click(clear_this, None, [chatbot, image, stats], cancels=[running], api_name="clear_image", **ui)
+        examples = write_examples(scratch.shared("examples"))
+        gallery = gr.Gallery(
+            examples,
+            label=i18n("examples"),
+            columns=3,
+            rows=1,
+            height="auto",
+            object_fit="contain",
+            allow_preview=False,
+            buttons=[],
+            interactive=False,
+            elem_id="image-examples",
+        )
+
+        def use_example(history, evt: gr.SelectData, request: gr.Request):
+            """An example picture replaces the image and starts a new topic; its question waits in the box."""
+            replies.check(key(request))
+            path, text = examples[evt.index]
+            history, preview = prepare_image(path, history, max_pixels, scratch, session(request))
+            return history, preview, text
+
+        gallery.select(use_example, chatbot, [chatbot, image, question], api_name=False, **ui)
+    tab.status, tab.ask, tab.stop, tab.chatbot, tab.image = status, ask, stop, chatbot, image
     return tab

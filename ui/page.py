@@ -2,18 +2,172 @@
 
 from __future__ import annotations
 
+import html
+import logging
+import os
 from collections.abc import Callable, Mapping
 
 import gradio as gr
 
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
+from ui import streaming
 from ui.chat_tab import build_chat_tab
+from ui.files import Scratch
 from ui.i18n import build_i18n
 from ui.image_tab import build_image_tab
 from ui.system_tab import STATE_ICONS, build_system_tab
 
-CSS = "#chat-stats, #image-stats {font-size: 0.85em; opacity: 0.8} footer {display: none !important}"
+log = logging.getLogger(__name__)
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+# System fonts only: nothing is fetched (deployments may be offline), and every glyph of the heading comes from
+# one face (Gradio's bundled font has a SemiBold subset without most capitals).
+FONTS = [
+    "system-ui",
+    "-apple-system",
+    "Segoe UI",
+    "Roboto",
+    "Noto Sans",
+    "Helvetica Neue",
+    "Arial",
+    "PingFang SC",
+    "Hiragino Sans GB",
+    "Microsoft YaHei",
+    "Noto Sans CJK SC",
+    "sans-serif",
+]
+MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "monospace"]
+NICE_NAMES = {"internlm2-chat-1_8b": "InternLM2-Chat-1.8B", "llava-1.5-7b-hf": "LLaVA-1.5-7B"}
+STATE_WORDS = {
+    "en": {"ready": "ready", "loading": "loading", "preparing": "preparing", "waiting": "waiting", "failed": "failed",
+           "disabled": "off"},
+    "zh": {"ready": "就绪", "loading": "加载中", "preparing": "准备中", "waiting": "等待中", "failed": "失败",
+           "disabled": "已关闭"},
+}  # fmt: skip
+TAB_WORDS = {"en": {"text": "Chat", "vision": "Image"}, "zh": {"text": "对话", "vision": "图片"}}
+
+# Gradio scopes this CSS: rules inside @media only reach elements inside its `.contain` element.
+CSS = """
+footer {display: none !important}
+#app-header {display: flex; flex-wrap: wrap; align-items: center; justify-content: space-between; gap: 6px 16px;
+  padding: 4px 2px 2px}
+#app-header h1 {font-size: 1.3rem; font-weight: 700; margin: 0; line-height: 1.25; letter-spacing: -0.01em}
+#app-header .brand {display: flex; align-items: center; gap: 8px; min-width: 0}
+#app-header .logo {display: inline-grid; place-items: center; width: 28px; height: 28px; border-radius: 8px;
+  flex: none; background: linear-gradient(135deg, var(--primary-500), var(--secondary-400)); color: white;
+  font-weight: 700; font-size: 15px}
+#app-header .badges {display: flex; flex-wrap: wrap; gap: 6px}
+.badge {display: inline-flex; align-items: center; gap: 6px; padding: 2px 10px; border-radius: 999px;
+  font-size: 0.78rem; line-height: 1.6; border: 1px solid var(--border-color-primary);
+  background: var(--background-fill-secondary); color: var(--body-text-color); white-space: nowrap}
+.badge small {opacity: 0.7; font-size: 0.72rem}
+.badge .dot {width: 8px; height: 8px; border-radius: 50%; background: var(--neutral-400); flex: none}
+.badge.state-ready .dot {background: #16a34a}
+.badge.state-loading .dot, .badge.state-preparing .dot, .badge.state-waiting .dot {background: #f59e0b}
+.badge.state-failed .dot {background: #dc2626}
+.badge.engine {background: var(--primary-50); border-color: var(--primary-200); color: var(--primary-700)}
+#chat-stats, #image-stats {font-size: 0.82em; opacity: 0.85; min-height: 1.2em}
+#chat-status:empty, #image-status:empty {display: none}
+#chat-input textarea, #image-question textarea {border: 1px solid var(--input-border-color);
+  border-radius: 10px; padding: 9px 12px; background: var(--input-background-fill); box-shadow: var(--input-shadow)}
+#chat-input textarea:focus, #image-question textarea:focus {border-color: var(--input-border-color-focus)}
+.compose-buttons {gap: 6px !important}
+.compose-buttons button {min-height: 38px}
+#chat-compose, #image-compose {align-items: stretch}
+.tool-row {gap: 6px !important}
+.tool-row button {flex: 0 1 auto !important; min-width: 0 !important}
+.example-chips {flex-wrap: wrap !important; gap: 6px !important}
+.example-chips button.example-chip {flex: 0 1 auto !important; min-width: 0 !important; max-width: 100% !important;
+  display: block !important; font-weight: 400; white-space: nowrap !important; overflow: hidden !important;
+  text-overflow: ellipsis}
+@media (max-width: 640px) {
+  #app-header .detail {display: none}
+  #app-header h1 {font-size: 1.05rem}
+  .badge {font-size: 0.7rem; padding: 1px 8px}
+  #chat-compose, #image-compose {flex-direction: column !important; gap: 6px !important}
+  #chat-compose > *, #image-compose > * {width: 100% !important; min-width: 0 !important; flex: 1 1 auto !important}
+  .compose-buttons {flex-direction: row !important}
+  .compose-buttons button {flex: 1 1 0 !important; min-height: 36px}
+  .tabs button[role="tab"] {padding: 6px 10px}
+  #image-layout {flex-direction: column !important}
+  #image-layout > * {min-width: 0 !important; width: 100% !important}
+}
+"""
+
+# The page frame around `.contain` (Gradio's own padding is 32 px a side, too much for a phone), unscoped in <head>.
+HEAD = """<style>
+.gradio-container .main.app {max-width: 1180px; padding-top: 10px}
+@media (max-width: 640px) { .gradio-container .main.app {padding: 6px 8px} }
+</style>"""
+
+# Enter sends and Shift+Enter adds a line (Gradio does this for a one-line box); this guard keeps Enter from sending
+# while the tab's send button is locked (a reply is streaming) or while an input method is composing (pinyin).
+# It goes into <head>: Gradio 6.17's `js=` launch argument is never run.
+ENTER_GUARD = """<script>
+(() => {
+  const pairs = [["#chat-input", "#chat-send"], ["#image-question", "#image-ask"]];
+  const guard = (e) => {
+    if (e.key !== "Enter" || e.shiftKey || !(e.target instanceof HTMLTextAreaElement)) return;
+    for (const [box, button] of pairs) {
+      if (!e.target.closest(box)) continue;
+      const composing = e.isComposing || e.keyCode === 229;
+      const b = document.querySelector(button);
+      if (composing || !b || b.disabled) {
+        e.stopImmediatePropagation();
+        if (!composing) e.preventDefault();
+      }
+    }
+  };
+  window.addEventListener("keydown", guard, true);
+  window.addEventListener("keypress", guard, true);
+})();
+</script>"""
+
+
+def build_theme() -> gr.themes.Base:
+    """Indigo on slate, system fonts."""
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate", font=FONTS, font_mono=MONO).set(
+        button_large_radius="10px", button_small_radius="8px", block_radius="12px"
+    )
+
+
+def nice_name(model: str) -> str:
+    """'internlm/internlm2-chat-1_8b' -> 'InternLM2-Chat-1.8B'; other names as their last path part."""
+    base = os.path.basename(model.rstrip("/")) or model
+    return NICE_NAMES.get(base.lower(), base)
+
+
+def language(request: gr.Request | None) -> str:
+    """'zh' for a browser that asks for Chinese first, else 'en'."""
+    accept = ""
+    try:
+        accept = (request.headers.get("accept-language") or "") if request is not None else ""
+    except AttributeError:
+        pass
+    return "zh" if accept.lower().startswith("zh") else "en"
+
+
+def header_html(slots: Mapping[str, EngineSlot], cfg: AppConfig, lang: str = "en") -> str:
+    """The compact header: title, one badge per model with its tab's engine state, and the engine."""
+    words, tabs = STATE_WORDS[lang], TAB_WORDS[lang]
+    models = {"text": (nice_name(cfg.text_model), "4-bit AWQ"), "vision": (nice_name(cfg.vision_model), "")}
+    badges = []
+    for kind, slot in slots.items():
+        name, detail = models.get(kind, (kind, ""))
+        detail_text = " · ".join(x for x in (tabs.get(kind, kind), detail) if x) + " ·"
+        state = words.get(slot.state, slot.state)
+        badges.append(
+            f'<span class="badge state-{html.escape(slot.state)}" id="badge-{kind}" title="{html.escape(slot.message)}">'
+            f'<i class="dot"></i>{html.escape(name)} <small class="detail">{html.escape(detail_text)}</small>'
+            f'<small class="state">{html.escape(state)}</small></span>'
+        )
+    engine = "LMDeploy TurboMind" if cfg.backend == "turbomind" else "LMDeploy api_server"
+    badges.append(f'<span class="badge engine">{engine}</span>')
+    return (
+        '<header id="app-header"><div class="brand"><span class="logo">L</span>'
+        "<h1>InternLM2 &amp; LLaVA Chat</h1></div>"
+        f'<div class="badges">{"".join(badges)}</div></header>'
+    )
 
 
 def status_line(slot: EngineSlot) -> str:
@@ -32,33 +186,57 @@ def engine_status(slots: Mapping[str, EngineSlot]) -> dict:
 
 
 def build_demo(
-    slots: Mapping[str, EngineSlot], cfg: AppConfig, system_info: Callable[[], dict] = dict
+    slots: Mapping[str, EngineSlot],
+    cfg: AppConfig,
+    system_info: Callable[[], dict] = dict,
+    concurrency: Mapping[str, int] | None = None,
 ) -> tuple[gr.Blocks, gr.I18n]:
-    """The page: Chat, Image chat and System tabs over engine slots that fill while the page already serves."""
+    """The page: Chat, Image chat and System tabs over engine slots that fill while the page already serves.
+
+    `concurrency` ({"text": n, "vision": m}) caps the replies each engine runs at once (default: its batch size).
+    """
     i18n = build_i18n()
     demo_ref: list = []
     text_slot, vision_slot = slots["text"], slots["vision"]
-    with gr.Blocks(title="InternLM2 & LLaVA on LMDeploy") as demo:
-        gr.Markdown("## 💬 InternLM2-Chat-1.8B (4-bit AWQ) & 🖼️ LLaVA — served by LMDeploy TurboMind")
+    limits = {"text": cfg.text_batch_size, "vision": cfg.vision_batch_size, **(concurrency or {})}
+    replies, scratch = streaming.Replies(), Scratch()
+    # Gradio's own cache (uploads, files returned to the page): files older than a day go, checked hourly
+    with gr.Blocks(title="InternLM2 & LLaVA Chat", delete_cache=(3600, 86400)) as demo:
+        header = gr.HTML(header_html(slots, cfg), elem_id="header")
         saved = gr.BrowserState([], storage_key="internlm2-chat-history")
+        known = gr.State(None)  # the engine readiness this page last saw
         with gr.Tabs():
             with gr.Tab(i18n("chat"), id="chat"):
-                chat = build_chat_tab(text_slot, i18n, cfg.text_batch_size, saved)
+                chat = build_chat_tab(text_slot, i18n, limits["text"], saved, replies, scratch)
             with gr.Tab(i18n("image_chat"), id="image"):
-                image = build_image_tab(vision_slot, i18n, cfg.vision_batch_size, cfg.max_image_pixels)
+                image = build_image_tab(vision_slot, i18n, limits["vision"], cfg.max_image_pixels, replies, scratch)
             with gr.Tab(i18n("system"), id="system"):
-                system = build_system_tab(slots, system_info, i18n, demo_ref)
+                system = build_system_tab(slots, system_info, i18n, demo_ref, cfg.redacted() if cfg.auth else None)
 
-        def refresh_status():
+        def refresh_status(seen, request: gr.Request, first: bool = False):
+            """Header and banners. Send/Ask start enabled; they are turned off when the page loads before its engine
+            is ready, and on when readiness arrives, never otherwise: a reply may be streaming with them locked."""
+            now = {"text": text_slot.ready, "vision": vision_slot.ready}
+
+            def button(kind):
+                if first:
+                    return gr.skip() if now[kind] else gr.update(interactive=False)
+                return gr.update(interactive=now[kind]) if seen is not None and now[kind] != seen[kind] else gr.skip()
+
             return (
+                header_html(slots, cfg, language(request)),
                 status_line(text_slot),
-                gr.update(interactive=text_slot.ready),
+                button("text"),
                 status_line(vision_slot),
-                gr.update(interactive=vision_slot.ready),
+                button("vision"),
+                now,
             )
 
-        outputs = [chat.status, chat.send, image.status, image.ask]
-        demo.load(refresh_status, None, outputs, api_name=False, queue=False)
+        def on_load(seen, request: gr.Request):
+            return refresh_status(seen, request, first=True)
+
+        outputs = [header, chat.status, chat.send, image.status, image.ask, known]
+        demo.load(on_load, known, outputs, api_name=False, queue=False)
         demo.load(lambda h: h or [], saved, chat.chatbot, api_name=False, queue=False)
         demo.load(system.load_fn, None, system.outputs, api_name=False, queue=False)
 
@@ -67,9 +245,16 @@ def build_demo(
 
         gr.api(status, api_name="status")
         timer = gr.Timer(1.0)
-        timer.tick(refresh_status, None, outputs, api_name=False, queue=False, show_progress="hidden")
+        timer.tick(refresh_status, known, outputs, api_name=False, queue=False, show_progress="hidden")
+
+        def forget_session(request: gr.Request) -> None:
+            """The tab was closed or reloaded: remove the files written for it."""
+            scratch.drop(getattr(request, "session_hash", None) or "anonymous")
+
+        demo.unload(forget_session)
     demo_ref.append(demo)
-    demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(cfg.text_batch_size, cfg.vision_batch_size))
+    demo.scratch = scratch
+    demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()))
     return demo, i18n
 
 
@@ -82,7 +267,9 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         allowed_paths=[],
         max_file_size=f"{cfg.max_file_size_mb}mb",
         i18n=i18n,
+        theme=build_theme(),
         css=CSS,
+        head=HEAD + ENTER_GUARD,
         show_error=True,
     )
     if cfg.auth:

@@ -1,14 +1,16 @@
-"""What both chat tabs share: the browser's engine session, the throttled stream, and errors shown in one place."""
+"""What both chat tabs share: the browser's engine session, one reply at a time per chat, the throttled stream,
+and refusals shown in one place."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import html
 import logging
-import tempfile
+import re
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import gradio as gr
 
@@ -16,6 +18,7 @@ from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
 from ui.conversation import format_stats, to_json, to_markdown, token_upper_bound, trim_to_fit
+from ui.files import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
 STOPPED = "⏹ Stopped: the reply above is as far as it got."
+WAIT_POLL_S = 0.5  # how often a reply that has no text yet checks whether it waits for a free slot
+BUSY = "A reply is still being written in this chat. Wait for it to finish, or press Stop."
 
 
 def ui_interval(active_streams: int) -> float:
@@ -38,20 +43,74 @@ def session_id(request: gr.Request | None, tab: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
 
 
+def chat_key(request: gr.Request | None, tab: str) -> str:
+    """One chat = one browser session (page load) and one tab; a call without a session is a chat of its own."""
+    return f"{getattr(request, 'session_hash', None) or id(request)}:{tab}"
+
+
+def refuse(message: str, title: str = "Not sent") -> gr.Error:
+    """The one way a refusal reaches the user: readable text (escaped, Gradio shows it as HTML), one log line.
+
+    Raise it only from queued events: Gradio 6 shows an unqueued event's error as a bare "Error" pill.
+    """
+    log.info("refused (%s): %s", title, message)
+    return gr.Error(html.escape(message), title=title, print_exception=False)
+
+
 def engine_or_error(slot: EngineSlot) -> ChatEngine:
-    """The slot's engine, or a gr.Error saying why it is not there (yet)."""
+    """The slot's engine, or a refusal saying why it is not there (yet)."""
     if slot.ready:
         return slot.engine
     if slot.state == "failed":
-        raise gr.Error(slot.message, title="Engine unavailable")
+        raise refuse(slot.message, "Engine unavailable")
     if slot.state == "disabled":
-        raise gr.Error("This model is disabled in this deployment.", title="Disabled")
-    raise gr.Error(f"The model is still starting: {slot.message}", title="Please wait")
+        raise refuse("This model is disabled in this deployment.", "Disabled")
+    raise refuse(f"The model is still starting: {slot.message}", "Please wait")
 
 
 def show_error(e: AppError) -> gr.Error:
-    """The single place where named errors become what the user reads."""
-    return gr.Error(str(e), title=type(e).__name__)
+    """The single place where named errors become what the user reads ("BadInput" -> "Bad input")."""
+    title = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(e).__name__).capitalize()
+    return refuse(str(e), title)
+
+
+class Replies:
+    """The chats with a reply streaming now: a second reply in the same chat is refused, Clear waits for the end."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, asyncio.Event] = {}
+
+    def busy(self, key: str) -> bool:
+        return key in self._done
+
+    def check(self, key: str) -> None:
+        """Refuse to start anything in a chat whose reply is still streaming."""
+        if key in self._done:
+            raise refuse(BUSY, "One reply at a time")
+
+    @contextlib.asynccontextmanager
+    async def one(self, key: str):
+        """Hold the chat for one reply; released however the reply ends (done, stopped, failed, cancelled)."""
+        self.check(key)
+        done = self._done[key] = asyncio.Event()
+        try:
+            yield
+        finally:
+            self._done.pop(key, None)
+            done.set()
+
+    async def wait_idle(self, key: str, timeout_s: float = 5.0) -> None:
+        """Until the chat's reply (if any) has ended, so nothing it sends can land after what follows."""
+        done = self._done.get(key)
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout_s)
+
+
+def interactive_js(*interactive: bool) -> str:
+    """A page-only event function that sets its outputs' `interactive` at once, with no server round trip."""
+    updates = ", ".join(f"{{__type__: 'update', interactive: {'true' if on else 'false'}}}" for on in interactive)
+    return f"() => [{updates}]"
 
 
 def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed) -> GenSettings:
@@ -66,35 +125,87 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
     )
 
 
+def waiting_line(active: int, capacity: int) -> str:
+    """What a reply without text yet says when the engine already serves all it can hold ('' when it does not)."""
+    if capacity <= 0 or active <= capacity:
+        return ""
+    waiting = active - capacity
+    return (
+        f"⏳ Waiting for a free slot: the model is answering {capacity} conversations at once, "
+        f"{waiting} {'is' if waiting == 1 else 'are'} waiting (this one included)."
+    )
+
+
+async def _first_item(stream: AsyncIterator, active: Callable[[], int], capacity: int):
+    """Yield ('wait', line) while the first item has not come and the engine is full, then ('item', first or None)."""
+    nxt = asyncio.ensure_future(anext(stream, None))
+    shown = ""
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=WAIT_POLL_S if capacity > 0 else None)
+            if done:
+                yield "item", nxt.result()
+                return
+            line = waiting_line(active(), capacity)
+            if line != shown:
+                shown = line
+                yield "wait", line
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await nxt
+
+
 async def stream_into(
-    history: list[dict], stream: AsyncIterator[Delta | Stats], notice: str = "", active: Callable[[], int] = lambda: 1
+    history: list[dict],
+    stream: AsyncIterator[Delta | Stats],
+    notice: str = "",
+    active: Callable[[], int] = lambda: 1,
+    capacity: int = 0,
 ) -> AsyncIterator[tuple[list[dict], str]]:
     """Append an assistant message and fill it from the stream, yielding (history, stats line) at most every
-    ui_interval(active()) seconds; the first text and the end are always sent."""
+    ui_interval(active()) seconds; the first text and the end are always sent. Until the first item comes, the
+    stats line says so when the engine is full (`capacity` conversations, 0 = unknown)."""
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
     last = 0.0
     yield history, notice or "…"
-    async for item in stream:
-        if isinstance(item, Delta):
-            text += item.text
-            now = time.perf_counter()
-            if now - last >= ui_interval(active()):
-                last = now
-                history[-1] = {"role": "assistant", "content": text}
-                yield history, notice or "…"
-            continue
-        if item.finish_reason == "error":
-            log.warning("reply failed: %s", item.error)
-            gr.Warning(f"The engine reported an error: {item.error[:200]}")
-            if not text:
-                text = "⚠️ The model could not answer this time. Please try again."
-        elif not text and item.finish_reason != "abort":
-            text = "(The model returned an empty reply; try Regenerate or a higher temperature.)"
-        history[-1] = {"role": "assistant", "content": text}
-        stats = format_stats(item)
-        yield history, (notice + " · " if notice else "") + stats
-        return
+    first = None
+    try:
+        async for kind, value in _first_item(stream, active, capacity):
+            if kind == "wait":
+                yield history, value or notice or "…"
+            else:
+                first = value
+        pending = [] if first is None else [first]
+        while True:
+            item = pending.pop() if pending else await anext(stream, None)
+            if item is None:
+                break
+            if isinstance(item, Delta):
+                text += item.text
+                now = time.perf_counter()
+                if now - last >= ui_interval(active()):
+                    last = now
+                    history[-1] = {"role": "assistant", "content": text}
+                    yield history, notice or "…"
+                continue
+            if item.finish_reason == "error":
+                log.warning("reply failed: %s", item.error)
+                gr.Warning(f"The engine reported an error: {item.error[:200]}")
+                if not text:
+                    text = "⚠️ The model could not answer this time. Please try again."
+            elif not text and item.finish_reason != "abort":
+                text = "(The model returned an empty reply; try Regenerate or a higher temperature.)"
+            history[-1] = {"role": "assistant", "content": text}
+            stats = format_stats(item)
+            yield history, (notice + " · " if notice else "") + stats
+            return
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
     history[-1] = {"role": "assistant", "content": text}
     yield history, notice
 
@@ -122,10 +233,9 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     return kept, ""
 
 
-def export_file(history: list[dict], fmt: str) -> str:
-    """Write the conversation to a temp file for download."""
+def export_file(history: list[dict], fmt: str, scratch: Scratch, session: str) -> str:
+    """Write the conversation to a file of this browser session for download."""
     body = to_markdown(history) if fmt == "md" else to_json(history)
-    d = Path(tempfile.mkdtemp(prefix="chat-export-"))
-    f = d / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
+    f = scratch.path(session, f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}")
     f.write_text(body, encoding="utf-8")
     return str(f)

@@ -1,4 +1,5 @@
-"""Tab "System": models and their sources, engine states, the memory plan beside measured memory, load."""
+"""Tab "System": models and their engine states, the memory plan beside measured memory (numbers, and a chart only
+when there is data), load; the configuration only for a logged-in operator."""
 
 from __future__ import annotations
 
@@ -10,38 +11,63 @@ import pandas as pd
 from model_loader.engines.slot import EngineSlot
 
 STATE_ICONS = {"ready": "🟢", "failed": "🔴", "disabled": "⚪", "loading": "🟡", "preparing": "🟡", "waiting": "⏳"}
+NO_GPU = (
+    "**No NVIDIA GPU is visible to this server**, so there is no GPU memory to show. "
+    "The engines run elsewhere (an LMDeploy api_server) or not at all."
+)
 
 
 def engines_markdown(slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, int], queued: int = 0) -> str:
-    """A table of engines: state, backend, source, session length, KV capacity, active users."""
+    """A table of engines: state, model, backend, session length, batch, KV capacity, active users."""
     rows = [
-        "| engine | state | backend | model | from | session | batch | KV tokens | active |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tab | state | model | backend | session | batch | KV tokens | generating |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     active = 0
     for kind, s in slots.items():
         info = s.engine.info if s.engine else None
         n = s.engine.active_sessions() if s.engine else 0
         active += n
-        kv = f"{kv_tokens[kind]:,} (plan)" if kind in kv_tokens else ""
+        kv = f"{kv_tokens[kind]:,} (plan)" if kind in kv_tokens else "–"
+        tab = {"text": "Chat", "vision": "Image chat"}.get(kind, kind)
         rows.append(
-            f"| {kind} | {STATE_ICONS.get(s.state, '')} {s.state}: {s.message} | {info.backend if info else ''} | "
-            f"{info.name if info else ''} | {info.source if info else ''} | {info.session_len if info else ''} | "
-            f"{info.batch_size if info else ''} | {kv} | {n} |"
+            f"| {tab} | {STATE_ICONS.get(s.state, '')} {s.state}: {s.message} | {info.name if info else '–'} | "
+            f"{info.backend if info else '–'} | {info.session_len or '–' if info else '–'} | "
+            f"{info.batch_size or '–' if info else '–'} | {kv} | {n} |"
         )
     rows.append("")
-    rows.append(f"**Users generating now:** {active} · **waiting in queue:** {queued}")
+    rows.append(f"**Users generating now:** {active} · **waiting in the queue:** {queued}")
     return "\n".join(rows)
 
 
-def plan_text(info: Mapping) -> str:
-    """The memory plan as a code block, or why there is none."""
-    if info.get("plan_text"):
-        return "```\n" + info["plan_text"] + "\n```"
+def memory_markdown(info: Mapping) -> str:
+    """Planned against measured GPU memory per engine, in numbers; in words when there is no GPU or no plan."""
     gpu = info.get("gpu")
     if gpu is None:
-        return "No NVIDIA GPU visible from this process (engines run elsewhere, or not at all)."
-    return f"GPU {gpu['name']}: {gpu['used_mib']:.0f} / {gpu['total_mib']:.0f} MiB in use. No plan yet."
+        return NO_GPU
+    lines = [f"**GPU:** {gpu['name']} · {gpu['used_mib']:,.0f} of {gpu['total_mib']:,.0f} MiB in use now"]
+    rows = info.get("memory") or []
+    if not rows:
+        lines.append("\nNo memory plan yet (the engines have not been planned on this GPU).")
+        return "\n".join(lines)
+    by_engine: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_engine.setdefault(r["engine"], {})[r["what"]] = r["MiB"]
+    lines += ["", "| engine | planned (MiB, GPU in use after it) | measured (MiB) | difference |", "|---|---|---|---|"]
+    for engine, v in by_engine.items():
+        planned, measured = v.get("planned"), v.get("measured")
+        diff = f"{(measured - planned) / planned:+.1%}" if planned and measured else "–"
+        lines.append(
+            f"| {engine} | {planned:,.0f} | {f'{measured:,.0f}' if measured else 'not loaded yet'} | {diff} |"
+            if planned
+            else f"| {engine} | – | {measured:,.0f} | – |"
+        )
+    return "\n".join(lines)
+
+
+def plan_text(info: Mapping) -> str:
+    """The planner's own report as a code block, or nothing."""
+    return "```\n" + info["plan_text"] + "\n```" if info.get("plan_text") else "No memory plan (no GPU was planned for)."
 
 
 def queued_count(demo: gr.Blocks) -> int:
@@ -53,24 +79,40 @@ def queued_count(demo: gr.Blocks) -> int:
 
 
 def build_system_tab(
-    slots: Mapping[str, EngineSlot], system_info: Callable[[], dict], i18n, demo_ref: list, config: dict | None = None
+    slots: Mapping[str, EngineSlot],
+    system_info: Callable[[], dict],
+    i18n,
+    demo_ref: list,
+    config: dict | None = None,
 ) -> gr.Blocks:
-    """The System tab's Blocks; refreshes every 2 seconds while open."""
+    """The System tab's Blocks; refreshes every 2 seconds. `config` is shown only to a logged-in user (APP_AUTH)."""
     with gr.Blocks() as tab:
         engines = gr.Markdown(elem_id="system-engines")
-        plan = gr.Markdown(elem_id="system-plan")
-        chart = gr.BarPlot(x="engine", y="MiB", color="what", label=i18n("memory"), elem_id="system-chart")
-        if config is not None:
-            gr.JSON(config, label="Configuration")
+        memory = gr.Markdown(elem_id="system-memory")
+        chart = gr.BarPlot(
+            x="engine", y="MiB", color="what", label=i18n("memory"), elem_id="system-chart", visible=False, height=260
+        )
+        with gr.Accordion("Memory plan", open=False):
+            plan = gr.Markdown(elem_id="system-plan")
+        cfg_box = gr.JSON(label=i18n("config"), visible=False, elem_id="system-config")
         timer = gr.Timer(2.0)
 
-        def refresh():
+        def refresh(request: gr.Request):
             q = queued_count(demo_ref[0]) if demo_ref else 0
             info = system_info()
-            frame = pd.DataFrame(info.get("memory", []), columns=["engine", "what", "MiB"])
-            return engines_markdown(slots, info.get("kv_tokens", {}), q), plan_text(info), frame
+            rows = info.get("memory") or []
+            frame = pd.DataFrame(rows, columns=["engine", "what", "MiB"])
+            operator = config is not None and bool(getattr(request, "username", None))
+            return (
+                engines_markdown(slots, info.get("kv_tokens", {}), q),
+                memory_markdown(info),
+                gr.update(value=frame, visible=bool(rows) and info.get("gpu") is not None),
+                plan_text(info),
+                gr.update(value=config if operator else None, visible=operator),
+            )
 
-        timer.tick(refresh, None, [engines, plan, chart], api_name=False, queue=False, show_progress="hidden")
+        outputs = [engines, memory, chart, plan, cfg_box]
+        timer.tick(refresh, None, outputs, api_name=False, queue=False, show_progress="hidden")
         tab.load_fn = refresh
-        tab.outputs = [engines, plan, chart]
+        tab.outputs = outputs
     return tab

@@ -102,6 +102,7 @@ class EngineInfo:
     # markers; the UI breaks them up before sending (ui/conversation.neutralize). Engines holding the tokenizer
     # replace this common set with their own (LmdeployEngine); the api_server's tokenizer lives on the server.
     reserved: tuple[str, ...] = COMMON_RESERVED
+    capacity: int = 0  # conversations the engine can serve at once (its KV cache and batch); 0 = unknown
 
 
 @runtime_checkable
