@@ -26,6 +26,9 @@ from model_loader.memory import kv_cache, planner
 from model_loader.memory.gpu import gpu_memory
 
 log = logging.getLogger(__name__)
+# A conversation as the capacity estimate counts it (history and reply): TurboMind admits requests while their
+# blocks fit, so this only sets when the page starts saying "waiting for a free slot".
+TYPICAL_CONVERSATION_TOKENS = 2048
 
 # What lmdeploy 0.11.1's TurboMind says when the NVIDIA driver is older than the CUDA 12.1+ it links against
 OLD_DRIVER_SIGNS = ("cuMulticast", "CUDA driver version is insufficient", "cudaErrorInsufficientDriver")
@@ -274,5 +277,8 @@ class Startup:
             return
         after = gpu_memory()
         slot.used_mib_after = after.used_mib if after else 0.0
+        planned = next((e for e in self.plan.engines if e.kind == kind), None) if self.plan else None
+        if planned is not None:  # the page says "waiting for a free slot" past this many replies at once
+            eng.info.capacity = kv_cache.concurrency_for(planned, TYPICAL_CONVERSATION_TOKENS, eng.info.batch_size)
         slot.engine, slot.state = eng, "ready"
         slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")

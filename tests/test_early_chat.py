@@ -147,6 +147,9 @@ def test_vision_first_when_it_arrives_first(full_size_text, full_size_vision, mo
     text_arrives.set()
     assert wait_for(lambda: st.slots["text"].ready)
     assert built == [("vision", 0.4), ("text", 0.4)]  # the plan's own order and ratio
+    # each engine says how many replies its cache runs at once; past that the page says "waiting for a free slot"
+    text_plan = next(e for e in st.plan.engines if e.kind == "text")
+    assert st.slots["text"].engine.info.capacity == text_plan.kv_tokens // 2048 > 1
 
 
 def test_an_old_nvidia_driver_is_named(tiny_models, monkeypatch):
