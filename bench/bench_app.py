@@ -27,7 +27,7 @@ from datetime import date
 
 from bench.pages import gradio_phases, users_on_pages, wait_ready
 from bench.runs import OUT, TEXT, VISION, save
-from bench.sse_client import image_users
+from bench.sse_client import image_in_page, image_users
 from bench.workload import seam_users, spread, summarize
 
 PORT = 7860

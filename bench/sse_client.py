@@ -164,6 +164,29 @@ async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> d
     return {"wall_s": round(wall, 2), "users": res, "errors": [r["error"] for r in res if r["error"]]}
 
 
+async def image_in_page(url: str, image_path: str, questions: int = 3, max_new: int = 64) -> dict:
+    """As in the page: drop the image (set_image shrinks it once), then ask about it; each question's figures."""
+    async with httpx.AsyncClient(timeout=300, limits=client_limits(1)) as http:
+        config = (await http.get(url + "config")).json()
+        session = uuid.uuid4().hex[:12]
+        file = await upload(http, url, image_path)
+        dropped = await stream_call(http, url, fn_index(config, "set_image"), [file, []], session)
+        if dropped["error"] or not dropped["outputs"]:
+            return {"error": f"set_image: {dropped['error']}"}
+        history, image = dropped["outputs"]
+        asked = []
+        for q in range(questions):
+            call = await stream_call(
+                http,
+                url,
+                fn_index(config, "image_chat"),
+                [image, history + user_history(f"Question {q}: what is in this image?"), 0.0, max_new],
+                session,
+            )
+            asked.append(chat_result(call))
+    return {"set_image_s": round(dropped["end"] - dropped["t0"], 3), "questions": asked}
+
+
 async def conversations(url: str, users: int, turns: int, max_new: int = 32) -> dict:
     """Many users holding multi-turn conversations at once; every turn must complete with a reply."""
     async with httpx.AsyncClient(timeout=300, limits=client_limits(users)) as http:
