@@ -11,9 +11,10 @@ import json
 
 import gradio as gr
 
+from model_loader.engines.seam import ignored_settings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.conversation import text_of, to_engine_messages
+from ui.conversation import settings_note, text_of, to_engine_messages
 from ui.files import Scratch
 from ui.user_text import clean, clean_history, shown, typed, typed_history
 
@@ -69,6 +70,7 @@ async def stream_reply(
         messages, notice = await streaming.fit_messages(
             engine, messages, engine.info.session_len or 8192, settings.max_new_tokens
         )
+        notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
         sid = streaming.session_id(request, TAB)
         stream = engine.stream(sid, messages, settings)
         capacity = getattr(engine.info, "capacity", 0)

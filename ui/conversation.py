@@ -184,3 +184,17 @@ def to_json(history: list[dict]) -> str:
         else:
             rows.append({"role": m.get("role"), "content": text_of(m.get("content"))})
     return json.dumps(rows, ensure_ascii=False, indent=1)
+
+
+SETTING_LABELS = {"temperature": "Temperature", "top_p": "Top-p", "top_k": "Top-k", "seed": "Seed"}
+
+
+def settings_note(ignored: Sequence[str]) -> str:
+    """Say which sampling sliders change nothing with the values chosen (from seam.ignored_settings)."""
+    if not ignored:
+        return ""
+    names = [SETTING_LABELS.get(n, n) for n in ignored]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    verb = "has" if len(names) == 1 else "have"
+    when = "with top-k 1 (greedy)" if "temperature" in ignored else "at temperature 0"
+    return f"{listed} {verb} no effect {when}"
