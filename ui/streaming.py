@@ -103,7 +103,7 @@ class Replies:
         """Until the chat's reply (if any) has ended, so nothing it sends can land after what follows."""
         done = self._done.get(key)
         if done is not None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError: they differ on Python 3.10
                 await asyncio.wait_for(done.wait(), timeout_s)
 
 
@@ -173,11 +173,12 @@ async def stream_into(
     yield history, notice or "…"
     first = None
     try:
-        async for kind, value in _first_item(stream, active, capacity):
-            if kind == "wait":
-                yield history, value or notice or "…"
-            else:
-                first = value
+        async with contextlib.aclosing(_first_item(stream, active, capacity)) as items:  # closed before the stream
+            async for kind, value in items:
+                if kind == "wait":
+                    yield history, value or notice or "…"
+                else:
+                    first = value
         pending = [] if first is None else [first]
         while True:
             item = pending.pop() if pending else await anext(stream, None)
