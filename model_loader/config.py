@@ -96,11 +96,17 @@ class AppConfig:
             raise ConfigError(f"port must be 1-65535, got {self.port}.")
         if self.auth and ":" not in self.auth:
             raise ConfigError("auth must look like user:password (several separated by commas).")
-        if self.backend == "api_server" and not (self.text_server_url or self.vision_server_url):
-            raise ConfigError(
-                "backend api_server needs --server-url (or --text-server-url / --vision-server-url).",
-                "Point it at `lmdeploy serve api_server` or its proxy, e.g. http://127.0.0.1:23333.",
-            )
+        urls = {"text": (self.enable_text, self.text_server_url), "vision": (self.enable_vision, self.vision_server_url)}
+        if self.backend == "api_server":
+            missing = [kind for kind, (enabled, url) in urls.items() if enabled and not url]
+            if missing:
+                raise ConfigError(
+                    f"backend api_server needs a URL for the {' and '.join(missing)} model: --server-url (or "
+                    f"--{missing[0]}-server-url), or --no-enable-{missing[0]}.",
+                    "Point it at `lmdeploy serve api_server` or its proxy, e.g. http://127.0.0.1:23333.",
+                )
+        elif any(url for _, url in urls.values()):
+            raise ConfigError("A server URL is set but the backend is turbomind: add --backend api_server to use it.")
         if not (self.enable_text or self.enable_vision):
             raise ConfigError("Both models are disabled: enable at least one.")
 

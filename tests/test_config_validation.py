@@ -29,6 +29,8 @@ def test_defaults_match_openxlab():
         {"APP_ENABLE_TEXT": "maybe"},
         {"APP_BACKEND": "api_server"},
         {"APP_AUTH": "nopassword"},
+        {"APP_BACKEND": "api_server", "APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # vision enabled, no URL
+        {"APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # a URL the turbomind backend would ignore
     ],
 )
 def test_bad_settings_are_named_errors(env):
