@@ -144,9 +144,10 @@ class ApiServerEngine:
         self._active[session_id] = None
         stream = None
         try:
+            body = await asyncio.to_thread(to_openai_messages, messages)  # PNG-encoding an image: not on the loop
             stream = await self._client().chat.completions.create(
                 model=self.model,
-                messages=to_openai_messages(messages),
+                messages=body,
                 stream=True,
                 stream_options={"include_usage": True},
                 **create_kwargs(settings),
