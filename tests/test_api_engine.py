@@ -132,7 +132,9 @@ def test_stop_closes_the_stream():
             return got
 
         got = asyncio.run(run())
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while srv.closed_early != 1 and time.monotonic() < deadline:  # the server notices the closed stream
+            time.sleep(0.02)
         assert len(got) < 100 and eng.active_sessions() == 0 and srv.closed_early == 1
 
 

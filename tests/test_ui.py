@@ -86,12 +86,15 @@ def test_stop_stops_the_engine(launched):
     import concurrent.futures
     import time
 
-    time.sleep(0.6)
+    deadline = time.monotonic() + 20
+    while text.active_sessions() == 0 and time.monotonic() < deadline:  # until the reply is streaming
+        time.sleep(0.02)
     try:
         c.predict(api_name="/stop")
     except concurrent.futures.CancelledError:
         pass  # the client sees its running job cancelled, as a browser does
-    time.sleep(0.5)
+    while (not text.stopped or text.active_sessions()) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert text.stopped and text.active_sessions() == 0
 
 
