@@ -25,22 +25,10 @@ def configure_logging(level: str) -> None:
 
 def planned_specs(cfg) -> list:
     """Model shapes for the plan: read from local directories when given, else the default models' shapes."""
-    from model_loader.memory import planner
-    from model_loader.weights import sources  # noqa: PLC0415
+    from model_loader.memory import planner  # noqa: PLC0415
 
-    specs = []
-    if cfg.enable_vision:
-        local = sources.is_local(cfg.vision_model) and os.path.isfile(os.path.join(cfg.vision_model, "config.json"))
-        specs.append(
-            planner.spec_from_path(cfg.vision_model, os.path.basename(cfg.vision_model)) if local else planner.LLAVA_1_5_7B
-        )
-    if cfg.enable_text:
-        local = sources.is_local(cfg.text_model) and os.path.isfile(os.path.join(cfg.text_model, "config.json"))
-        spec = planner.spec_from_path(cfg.text_model, os.path.basename(cfg.text_model)) if local else None
-        if spec is None or spec.weights_mib > planner.INTERNLM2_1_8B_AWQ.weights_mib * 1.5:
-            spec = planner.INTERNLM2_1_8B_AWQ  # an fp16 source is served after 4-bit quantization
-        specs.append(spec)
-    return specs
+    wanted = [("vision", cfg.enable_vision, cfg.vision_model), ("text", cfg.enable_text, cfg.text_model)]
+    return [planner.expected_spec(kind, ref) for kind, enabled, ref in wanted if enabled]
 
 
 def make_plan(cfg, gpu_mem_gib: float):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -166,13 +165,7 @@ class Startup:
             done.put((kind, e))
 
     def _expected_spec(self, kind: str) -> planner.ModelSpec:
-        """The shape of a model not here yet: its config.json when it is a local folder, else the default model's."""
-        ref = os.path.expanduser(self.cfg.text_model if kind == "text" else self.cfg.vision_model)
-        if os.path.isfile(os.path.join(ref, "config.json")):
-            spec = planner.spec_from_path(ref, os.path.basename(ref))
-            if kind == "vision" or spec.weights_mib <= planner.INTERNLM2_1_8B_AWQ.weights_mib * 1.5:
-                return spec
-        return planner.INTERNLM2_1_8B_AWQ if kind == "text" else planner.LLAVA_1_5_7B
+        return planner.expected_spec(kind, self.cfg.text_model if kind == "text" else self.cfg.vision_model)
 
     def _build_in_process(self) -> None:
         done: queue.Queue = queue.Queue()

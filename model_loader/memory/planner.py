@@ -196,6 +196,19 @@ LLAVA_1_5_7B_AWQ = spec_from_config(
 )
 
 
+def expected_spec(kind: str, ref: str) -> ModelSpec:
+    """The shape of a model before it is here: its config.json when `ref` is a local folder, else the default model's.
+
+    A text model much larger than the 4-bit InternLM2 is an fp16 source, served after quantization: plan the AWQ.
+    """
+    folder = Path(ref).expanduser()
+    if (folder / "config.json").is_file():
+        spec = spec_from_path(folder, folder.name)
+        if kind == "vision" or spec.weights_mib <= INTERNLM2_1_8B_AWQ.weights_mib * 1.5:
+            return spec
+    return INTERNLM2_1_8B_AWQ if kind == "text" else LLAVA_1_5_7B
+
+
 def plan_engine(spec: ModelSpec, free_mib: float, ratio: float, session_len: int = 0) -> EnginePlan:
     """Build one engine out of `free_mib`: weights and runtime first, then whole KV blocks in ratio x what is left."""
     after_weights = free_mib - spec.weights_mib - max(spec.pre_kv_mib, spec.runtime_mib)
