@@ -109,11 +109,16 @@ def tokenizer_problems(path: Path, need_chat_template: bool) -> list[str]:
     return problems
 
 
+def folder_config(path: Path) -> tuple[dict | None, list[str]]:
+    """A model folder's config.json, or why there is none (not a folder, missing, unreadable)."""
+    if not path.is_dir():
+        return None, [f"{path} is not a directory"]
+    return read_config(path)
+
+
 def text_model_problems(path: Path, require_awq: bool) -> list[str]:
     """Everything wrong with an InternLM2 chat checkpoint at `path` (fp16 source or AWQ result)."""
-    if not path.is_dir():
-        return [f"{path} is not a directory"]
-    cfg, problems = read_config(path)
+    cfg, problems = folder_config(path)
     if cfg is None:
         return problems
     archs = architectures(cfg)
@@ -131,9 +136,7 @@ def text_model_problems(path: Path, require_awq: bool) -> list[str]:
 
 def vision_model_problems(path: Path) -> list[str]:
     """Everything wrong with a llava-hf checkpoint at `path`."""
-    if not path.is_dir():
-        return [f"{path} is not a directory"]
-    cfg, problems = read_config(path)
+    cfg, problems = folder_config(path)
     if cfg is None:
         return problems
     archs = architectures(cfg)
