@@ -285,7 +285,7 @@ def build_chat_tab(
         gr.on(
             [undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], cancels=running, api_name="undo", **ui
         )
-        clear.click(clear_this, None, [chatbot, stats, saved], cancels=running, api_name="clear", **ui)
+        gr.on([clear.click, chatbot.clear], clear_this, None, [chatbot, stats, saved], cancels=running, api_name="clear", **ui)
         export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
         export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved

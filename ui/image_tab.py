@@ -209,7 +209,15 @@ def build_image_tab(
         running.then(unlock, None, controls, api_name=False, queue=False)
         running.failure(unlock, None, controls, api_name=False, queue=False)
         stop.click(stop_this, None, stats, cancels=[running], api_name="stop_image", queue=False)
-        clear.click(clear_this, None, [chatbot, image, stats], cancels=[running], api_name="clear_image", **ui)
+        gr.on(
+            [clear.click, chatbot.clear],
+            clear_this,
+            None,
+            [chatbot, image, stats],
+            cancels=[running],
+            api_name="clear_image",
+            **ui,
+        )
         examples = write_examples(scratch.shared("examples"))
         gallery = gr.Gallery(
             examples,
