@@ -3,7 +3,6 @@ before decoding, text that cannot break the server, one reply at a time per chat
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -181,20 +180,22 @@ def test_a_second_reply_in_the_same_chat_is_refused(launched):
     assert reply_text(other.predict(msg("hi"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")[0]) == "You said: hi"
 
 
-def test_clear_stops_the_running_reply(launched):
+@pytest.mark.parametrize("action", ["/clear", "/undo"])
+def test_clear_and_undo_stop_the_running_reply_and_have_the_last_word(launched, action):
     url, (text, _), _ = launched
     text.delay_s = 0.05
     text.enqueue(" ".join(f"w{i}" for i in range(400)))
     c = Client(url, verbose=False)
-    job = chat(c, msg("long one"), max_new=400)
+    before = [*msg("first"), {"role": "assistant", "content": [{"type": "text", "text": "one"}]}]
+    job = chat(c, before + msg("long one"), max_new=400)
     while text.active_sessions() == 0:
         time.sleep(0.01)
-    assert c.predict(api_name="/clear")[0] == []
+    time.sleep(0.2)
+    left = c.predict(api_name="/clear")[0] if action == "/clear" else c.predict(before + msg("long one"), api_name="/undo")[0]
     assert text.stopped and text.active_sessions() == 0
-    try:
-        job.result(timeout=10)
-    except concurrent.futures.CancelledError:
-        pass
+    # the reply's own last update shows what Clear/Undo left, so the page cannot be repainted with the old turn
+    final = job.result(timeout=10)[0]
+    assert [reply_text([m]) for m in final] == [reply_text([m]) for m in left] == ([] if action == "/clear" else ["first", "one"])
 
 
 # ---- files written for a session are bounded and removed ----
