@@ -4,9 +4,12 @@ pressing Stop mid-stream, uploading odd files, on a phone and a laptop, in Engli
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
+from model_loader.engines.seam import Delta
 from tests.browser import chromium, new_page, skip_without_chromium
 from tests.conftest import fake_startup
 from tests.fakes import FakeEngine
@@ -136,17 +139,17 @@ def test_type_enter_stream_and_controls(app, browser, engines, size, locale):
             assert box["width"] > 0.9 * (size[0] - 16), "the message box does not take the phone's width"
         assert not enabled(pg, "#chat-stop"), "Stop is live with nothing running"
 
-        long_reply(text)
+        long_reply(text, words=80, delay_s=0.04)
         type_and_enter(pg, "tell me a story")
         page_has(pg, "word3", "#chatbot")
         first = bot_text(pg)
         assert not enabled(pg, "#chat-send") and not enabled(pg, "#chat-regenerate") and enabled(pg, "#chat-stop")
-        page_has(pg, "word20", "#chatbot")
-        assert len(bot_text(pg)) > len(first), "the reply did not stream"
+        assert "word79" not in first, "the reply did not stream: it came in one piece"
+        page_has(pg, "word79", "#chatbot")
         page_has(pg, "tokens/s", "#chat-stats")
         wait_enabled(pg, "#chat-send")
         wait_enabled(pg, "#chat-stop", on=False)
-        assert enabled(pg, "#chat-regenerate") and "word59" in bot_text(pg)
+        assert enabled(pg, "#chat-regenerate") and "word79" in bot_text(pg)
         assert pg.input_value("#chat-input textarea") == ""
         no_sideways_scroll(pg)
         no_object_object(pg)
@@ -192,6 +195,8 @@ def test_stop_ends_the_reply_and_gives_the_controls_back(page, engines):
     long_reply(text, words=400, delay_s=0.05)
     type_and_enter(pg, "Tell me a long story")
     page_has(pg, "word5", "#chatbot")
+    for action in ("Retry", "Edit", "Undo"):  # the chatbot's own buttons are off while it streams
+        assert pg.locator(f"#chatbot button[aria-label='{action}']").last.is_disabled()
     pg.click("#chat-stop")
     page_has(pg, "Stopped", "#chat-stats")
     wait_enabled(pg, "#chat-send")
@@ -212,6 +217,40 @@ def test_clear_cancels_the_running_reply_first(page, engines):
     wait_enabled(pg, "#chat-send")
     pg.wait_for_timeout(600)  # long enough for a reply that was not stopped to repaint the chat
     assert "word" not in pg.inner_text("#chatbot") and text.active_sessions() == 0
+
+
+def test_a_failed_reply_gives_the_controls_back(page, engines, monkeypatch):
+    pg, (text, _) = page, engines
+
+    async def broken(session_id, messages, settings):
+        yield Delta("half an ans")
+        raise RuntimeError("the engine fell over")
+
+    monkeypatch.setattr(text, "stream", broken)
+    type_and_enter(pg, "hello")
+    page_has(pg, "half an ans", "#chatbot")
+    page_has(pg, "Error")
+    wait_enabled(pg, "#chat-send")
+    wait_enabled(pg, "#chat-stop", on=False)
+    assert enabled(pg, "#chat-regenerate")
+
+
+def test_closing_the_tab_removes_its_files(app, browser, engines, tmp_path):
+    root = Path(os.environ["GRADIO_TEMP_DIR"])
+    with new_page(browser, app[0]) as pg:
+        ready(pg)
+        type_and_enter(pg, "keep me")
+        page_has(pg, "You said: keep me", "#chatbot")
+        pg.get_by_text("Download conversation").click()
+        pg.get_by_role("button", name="Markdown", exact=True).click()
+        pg.wait_for_selector("#component-0, a[download]", state="attached")
+        pg.wait_for_function("document.body.innerText.includes('.md')")
+        session_dirs = {p.parent.parent for p in root.glob("internlm-chat-*/s-*/*/*.md")}
+        assert session_dirs
+    deadline = time.time() + 15
+    while any(d.exists() for d in session_dirs) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(d.exists() for d in session_dirs), "the closed tab's files are still there"
 
 
 # ---- what the user sees of text and errors (issue 12 items 5 and 7) ----
@@ -339,7 +378,10 @@ def test_screenshots(app, browser, engines, tmp_path):
         type_and_enter(pg, "What should I see in Shanghai in one day?")
         page_has(pg, "soup dumplings", "#chatbot")
         wait_enabled(pg, "#chat-send")
+        pg.mouse.click(5, 5)  # no focus ring on the box
+        pg.wait_for_timeout(600)  # button transitions
         pg.screenshot(path=f"{out}/chat.png")
+        pg.set_viewport_size({"width": 1280, "height": 1000})
         pg.get_by_role("tab", name="Image chat").click()
         vision.enqueue("A bar chart of visitors per month: April has the most, 260 visitors, then May with 210.")
         pg.locator("#image-examples img").nth(1).click()
@@ -347,4 +389,7 @@ def test_screenshots(app, browser, engines, tmp_path):
         type_and_enter(pg, "", "#image-question textarea")
         page_has(pg, "April has the most", "#image-chatbot")
         wait_enabled(pg, "#image-ask")
+        pg.evaluate("window.scrollTo(0, 0)")
+        pg.mouse.click(5, 5)
+        pg.wait_for_timeout(600)
         pg.screenshot(path=f"{out}/image.png")

@@ -65,17 +65,17 @@ async def stream_reply(
         raise streaming.refuse(EMPTY, "Empty message")
     settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
     replies = replies or streaming.Replies()
-    async with replies.one(streaming.chat_key(request, TAB)):
-        messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
-        messages, notice = await streaming.fit_messages(
-            engine, messages, engine.info.session_len or 8192, settings.max_new_tokens
-        )
-        notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
-        sid = streaming.session_id(request, TAB)
-        stream = engine.stream(sid, messages, settings)
-        capacity = getattr(engine.info, "capacity", 0)
-        async for update in streaming.stream_into(history, stream, notice, engine.active_sessions, capacity):
-            yield update
+    key = streaming.chat_key(request, TAB)
+    replies.check(key)
+    messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
+    window = engine.info.session_len or 8192
+    messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens)
+    notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
+    stream = engine.stream(streaming.session_id(request, TAB), messages, settings)
+    capacity = getattr(engine.info, "capacity", 0)
+    updates = streaming.stream_into(history, stream, notice, engine.active_sessions, capacity)
+    async for update in replies.stream(key, updates):
+        yield update
 
 
 async def stop_reply(slot: EngineSlot, request: gr.Request) -> str:
@@ -222,19 +222,20 @@ def build_chat_tab(
             kept, dropped = fit_for_browser(clean_history(history))
             return note, kept
 
-        async def cancel_first(request: gr.Request) -> None:
-            """Stop the running reply and wait until it has ended, so that it cannot repaint the chat after this."""
+        async def end_reply_with(history, request: gr.Request) -> None:
+            """A running reply stops and ends showing `history`, so that it cannot repaint the chat after this."""
             if replies.busy(key(request)):
+                replies.replace(key(request), history)
                 await stop_reply(slot, request)
                 await replies.wait_idle(key(request))
 
         async def undo_this(history, request: gr.Request):
-            await cancel_first(request)
             history, text = undo_last_turn(history)
+            await end_reply_with(history, request)
             return history, text, fit_for_browser(history)[0], ""
 
         async def clear_this(request: gr.Request):
-            await cancel_first(request)
+            await end_reply_with([], request)
             return [], "", []
 
         def save(history, stats_line):
@@ -286,10 +287,10 @@ def build_chat_tab(
         answer([chatbot.retry], regenerate, chatbot, chatbot, False, False)
         answer([chatbot.edit], edited, chatbot, chatbot, False, False)
         stop.click(stop_this, chatbot, [stats, saved], cancels=running, api_name="stop", queue=False)
-        gr.on(
-            [undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], cancels=running, api_name="undo", **ui
-        )
-        clear.click(clear_this, None, [chatbot, stats, saved], cancels=running, api_name="clear", **ui)
+        # no `cancels` here: the reply ends by itself, showing what Undo/Clear leave (a cancelled event's last
+        # message can still land after theirs in the page)
+        gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)
+        gr.on([clear.click, chatbot.clear], clear_this, None, [chatbot, stats, saved], api_name="clear", **ui)
         export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
         export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved

@@ -7,6 +7,7 @@ converted picture as the preview, so what the user sees is what the model gets.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import gradio as gr
@@ -78,9 +79,10 @@ async def stream_image_reply(
     if not typed(text_of(history[-1].get("content"))).strip():
         raise streaming.refuse("Please type a question about the image.", "Empty question")
     replies = replies or streaming.Replies()
-    async with replies.one(streaming.chat_key(request, TAB)):
+
+    async def updates():
         try:
-            img = load_image(path, max_pixels)
+            img = await asyncio.to_thread(load_image, path, max_pixels)  # decoding must not hold up the event loop
         except BadInput as e:
             raise streaming.show_error(e) from e
         settings = streaming.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
@@ -90,11 +92,13 @@ async def stream_image_reply(
         )
         if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
             messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
-        sid = streaming.session_id(request, TAB)
-        stream = engine.stream(sid, messages, settings)
+        stream = engine.stream(streaming.session_id(request, TAB), messages, settings)
         capacity = getattr(engine.info, "capacity", 0)
         async for update in streaming.stream_into(history, stream, notice, engine.active_sessions, capacity):
             yield update
+
+    async for update in replies.stream(streaming.chat_key(request, TAB), updates()):
+        yield update
 
 
 async def stop_image_reply(slot: EngineSlot, request: gr.Request) -> str:
@@ -145,6 +149,20 @@ def build_image_tab(
                 stop = gr.Button(i18n("stop"), variant="stop", elem_id="image-stop", interactive=False)
         with gr.Row(elem_classes="tool-row"):
             clear = gr.Button(i18n("clear"), size="sm", elem_id="image-clear")
+        examples = write_examples(scratch.shared("examples"))
+        gallery = gr.Gallery(
+            examples,
+            label=i18n("examples"),
+            columns=3,
+            rows=1,
+            preview=False,
+            height="auto",
+            object_fit="contain",
+            allow_preview=False,
+            buttons=[],
+            interactive=False,
+            elem_id="image-examples",
+        )
         with gr.Accordion(i18n("settings"), open=False):
             temperature = gr.Slider(0.0, 2.0, 0.2, step=0.05, label=i18n("temperature"))
             max_new = gr.Slider(16, 2048, 512, step=16, label=i18n("max_new_tokens"))
@@ -173,7 +191,8 @@ def build_image_tab(
             return await stop_image_reply(slot, request)
 
         async def clear_this(request: gr.Request):
-            if replies.busy(key(request)):
+            if replies.busy(key(request)):  # the reply ends by itself, showing the cleared chat
+                replies.replace(key(request), [])
                 await stop_image_reply(slot, request)
                 await replies.wait_idle(key(request))
             return [], None, ""
@@ -211,19 +230,13 @@ def build_image_tab(
         running.then(unlock, None, controls, api_name=False, queue=False)
         running.failure(unlock, None, controls, api_name=False, queue=False)
         stop.click(stop_this, None, stats, cancels=[running], api_name="stop_image", queue=False)
-        clear.click(clear_this, None, [chatbot, image, stats], cancels=[running], api_name="clear_image", **ui)
-        examples = write_examples(scratch.shared("examples"))
-        gallery = gr.Gallery(
-            examples,
-            label=i18n("examples"),
-            columns=3,
-            rows=1,
-            height="auto",
-            object_fit="contain",
-            allow_preview=False,
-            buttons=[],
-            interactive=False,
-            elem_id="image-examples",
+        gr.on(
+            [clear.click, chatbot.clear],
+            clear_this,
+            None,
+            [chatbot, image, stats],
+            api_name="clear_image",
+            **ui,
         )
 
         def use_example(history, evt: gr.SelectData, request: gr.Request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import html
 import logging
 import os
@@ -76,6 +77,11 @@ footer {display: none !important}
 #chat-compose, #image-compose {align-items: stretch}
 .tool-row {gap: 6px !important}
 .tool-row button {flex: 0 1 auto !important; min-width: 0 !important}
+#image-examples .grid-wrap {max-height: none !important; min-height: 0 !important; height: auto !important;
+  overflow: visible !important}
+#image-examples .grid-container {grid-template-columns: repeat(3, minmax(0, 200px)) !important; gap: 10px !important}
+#image-examples .thumbnail-item {aspect-ratio: 4 / 3 !important}
+#image-chatbot .message-row img {max-height: 180px; width: auto; object-fit: contain}
 .example-chips {flex-wrap: wrap !important; gap: 6px !important}
 .example-chips button.example-chip {flex: 0 1 auto !important; min-width: 0 !important; max-width: 100% !important;
   display: block !important; font-weight: 400; white-space: nowrap !important; overflow: hidden !important;
@@ -91,6 +97,8 @@ footer {display: none !important}
   .tabs button[role="tab"] {padding: 6px 10px}
   #image-layout {flex-direction: column !important}
   #image-layout > * {min-width: 0 !important; width: 100% !important}
+  #image-input {height: 220px !important}
+  #image-chatbot {height: 300px !important}
 }
 """
 
@@ -253,7 +261,7 @@ def build_demo(
 
         demo.unload(forget_session)
     demo_ref.append(demo)
-    demo.scratch = scratch
+    atexit.register(scratch.close)  # the files written for sessions (and the drawn examples) go with the server
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()))
     return demo, i18n
 

@@ -75,10 +75,12 @@ def show_error(e: AppError) -> gr.Error:
 
 
 class Replies:
-    """The chats with a reply streaming now: a second reply in the same chat is refused, Clear waits for the end."""
+    """The chats with a reply streaming now: a second reply in the same chat is refused, and Clear/Undo can end the
+    reply with the conversation they leave (so whatever the page draws last, it draws that)."""
 
     def __init__(self) -> None:
         self._done: dict[str, asyncio.Event] = {}
+        self._instead: dict[str, list[dict]] = {}
 
     def busy(self, key: str) -> bool:
         return key in self._done
@@ -97,7 +99,16 @@ class Replies:
             yield
         finally:
             self._done.pop(key, None)
+            self._instead.pop(key, None)
             done.set()
+
+    def replace(self, key: str, history: list[dict]) -> None:
+        """The running reply is to end showing `history` instead (Clear: [], Undo: the turn removed)."""
+        if key in self._done:
+            self._instead[key] = history
+
+    def replaced(self, key: str) -> list[dict] | None:
+        return self._instead.get(key)
 
     async def wait_idle(self, key: str, timeout_s: float = 5.0) -> None:
         """Until the chat's reply (if any) has ended, so nothing it sends can land after what follows."""
@@ -105,6 +116,17 @@ class Replies:
         if done is not None:
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError: they differ on Python 3.10
                 await asyncio.wait_for(done.wait(), timeout_s)
+
+    async def stream(self, key: str, updates: AsyncIterator[tuple[list[dict], str]]):
+        """Pass a reply's updates on; once Clear/Undo replaced the conversation, end with theirs instead."""
+        async with self.one(key), contextlib.aclosing(updates):
+            async for update in updates:
+                if self.replaced(key) is not None:
+                    break
+                yield update
+            instead = self.replaced(key)
+            if instead is not None:
+                yield instead, ""
 
 
 def interactive_js(*interactive: bool) -> str:

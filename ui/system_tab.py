@@ -20,8 +20,8 @@ NO_GPU = (
 def engines_markdown(slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, int], queued: int = 0) -> str:
     """A table of engines: state, model, backend, session length, batch, KV capacity, active users."""
     rows = [
-        "| tab | state | model | backend | session | batch | KV tokens | generating |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tab | state | model | backend | session | batch | conversations at once | KV tokens | generating |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     active = 0
     for kind, s in slots.items():
@@ -33,7 +33,8 @@ def engines_markdown(slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, in
         rows.append(
             f"| {tab} | {STATE_ICONS.get(s.state, '')} {s.state}: {s.message} | {info.name if info else '–'} | "
             f"{info.backend if info else '–'} | {info.session_len or '–' if info else '–'} | "
-            f"{info.batch_size or '–' if info else '–'} | {kv} | {n} |"
+            f"{info.batch_size or '–' if info else '–'} | {getattr(info, 'capacity', 0) or '–' if info else '–'} | "
+            f"{kv} | {n} |"
         )
     rows.append("")
     rows.append(f"**Users generating now:** {active} · **waiting in the queue:** {queued}")

@@ -1,0 +1,212 @@
+"""The launched page through gradio_client, as API users and browsers reach it: readable refusals, uploads checked
+before decoding, text that cannot break the server, one reply at a time per chat, files cleaned up."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+
+def msg(text):
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def chat(client, history, max_new=64):
+    return client.submit(history, "", 0.7, 0.8, 40, max_new, 1.0, 0, api_name="/chat")
+
+
+def reply_text(history):
+    c = history[-1]["content"]
+    return c[0]["text"] if isinstance(c, list) else c
+
+
+class PeakRss:
+    """The process's resident memory sampled every 2 ms while the block runs (Pillow's buffers are not Python
+    objects, so tracemalloc would not see them)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def grown_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+# ---- refusals: readable, from the app, never Gradio's internals ----
+
+
+def test_a_text_file_named_png_gets_our_refusal(launched, tmp_path):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    bad = tmp_path / "notes.png"
+    bad.write_text("just text")
+    for call in (
+        lambda: c.predict(handle_file(str(bad)), [], api_name="/set_image"),
+        lambda: c.predict(handle_file(str(bad)), msg("what is it?"), 0.2, 64, api_name="/image_chat"),
+    ):
+        with pytest.raises(Exception) as e:
+            call()
+        assert "notes.png is not an image we can read" in str(e.value)
+        assert "preprocess" not in str(e.value) and "/tmp" not in str(e.value)
+
+
+def test_empty_and_blank_messages_are_refused_by_the_api(launched):
+    url, (text, _), _ = launched
+    c = Client(url, verbose=False)
+    for blank in ("", "   \n\t"):
+        with pytest.raises(Exception, match="type a message first"):
+            c.predict(msg(blank), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+        with pytest.raises(Exception, match="type a message first"):
+            c.predict(blank, [], api_name="/add_message")
+    assert not text.calls
+
+
+def test_asking_without_an_image_is_refused(launched):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    with pytest.raises(Exception, match="Upload an image first"):
+        c.predict("what is this?", [], None, api_name="/add_question")
+
+
+def call_raw(url: str, api_name: str, data: list) -> dict:
+    """One queued call as a browser makes it: JSON with \\u escapes, so lone surrogates reach the server."""
+    import json
+    import uuid
+
+    import httpx
+
+    from bench.sse_client import fn_index
+
+    session = uuid.uuid4().hex[:12]
+    with httpx.Client(timeout=30) as http:
+        index = fn_index(http.get(url + "config").json(), api_name)
+        body = {"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None}
+        r = http.post(url + "gradio_api/queue/join", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                    return json.loads(line[5:])
+    raise AssertionError("no result")
+
+
+def test_lone_surrogates_are_replaced_not_a_server_error(launched):
+    url, _, _ = launched
+    r = call_raw(url, "add_message", ["hi \ud800 there", []])
+    assert r["success"], r
+    box, hist = r["output"]["data"]
+    assert box == "" and "\ufffd" in reply_text(hist)
+    r = call_raw(url, "chat", [msg("bad \udfff half"), "\ud83d", 0.7, 0.8, 40, 64, 1.0, 0])
+    assert r["success"], r
+    assert reply_text(r["output"]["data"][0]) == "You said: bad \ufffd half"
+
+
+def test_refusals_are_logged_in_one_line(launched, caplog, capfd):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    with caplog.at_level(logging.INFO, logger="ui.streaming"):
+        with pytest.raises(Exception):  # noqa: B017
+            c.predict("  ", [], api_name="/add_message")
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# ---- uploads: checked before decoding, converted as the model sees them ----
+
+
+def test_a_huge_grey_png_is_refused_in_bounded_memory(launched, tmp_path):
+    url, _, st = launched
+    p = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000), 200).save(p, compress_level=1)
+    c = Client(url, verbose=False)
+    with PeakRss() as rss, pytest.raises(Exception, match="megapixels"):
+        c.predict(handle_file(str(p)), [], api_name="/set_image")
+    assert rss.grown_mib < 100, f"refusing the upload cost {rss.grown_mib:.0f} MiB"
+
+
+def test_uploads_keep_transparency_white_and_16_bit_levels(launched, tmp_path):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (64, 48), (255, 0, 0, 0)).save(clear)
+    hist, preview = c.predict(handle_file(str(clear)), [], api_name="/set_image")
+    assert Image.open(preview).convert("RGB").getpixel((10, 10)) == (255, 255, 255)
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    _, preview = c.predict(handle_file(str(tmp_path / "ramp16.png")), [], api_name="/set_image")
+    assert len(np.unique(np.asarray(Image.open(preview).convert("L")))) > 200
+
+
+# ---- one reply at a time per chat; Clear stops the reply ----
+
+
+def test_a_second_reply_in_the_same_chat_is_refused(launched):
+    url, (text, _), _ = launched
+    text.delay_s = 0.02
+    text.enqueue(" ".join(f"w{i}" for i in range(100)))
+    c = Client(url, verbose=False)
+    first = chat(c, msg("long one"), max_new=200)
+    while text.active_sessions() == 0:
+        time.sleep(0.01)
+    with pytest.raises(Exception, match="still being written"):
+        c.predict(msg("and another"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert reply_text(first.result(timeout=30)[0]).endswith("w99")
+    other = Client(url, verbose=False)  # another browser is another chat
+    assert reply_text(other.predict(msg("hi"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")[0]) == "You said: hi"
+
+
+@pytest.mark.parametrize("action", ["/clear", "/undo"])
+def test_clear_and_undo_stop_the_running_reply_and_have_the_last_word(launched, action):
+    url, (text, _), _ = launched
+    text.delay_s = 0.05
+    text.enqueue(" ".join(f"w{i}" for i in range(400)))
+    c = Client(url, verbose=False)
+    before = [*msg("first"), {"role": "assistant", "content": [{"type": "text", "text": "one"}]}]
+    job = chat(c, before + msg("long one"), max_new=400)
+    while text.active_sessions() == 0:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    left = c.predict(api_name="/clear")[0] if action == "/clear" else c.predict(before + msg("long one"), api_name="/undo")[0]
+    assert text.stopped and text.active_sessions() == 0
+    # the reply's own last update shows what Clear/Undo left, so the page cannot be repainted with the old turn
+    final = job.result(timeout=10)[0]
+    assert [reply_text([m]) for m in final] == [reply_text([m]) for m in left] == ([] if action == "/clear" else ["first", "one"])
+
+
+# ---- files written for a session are bounded and removed ----
+
+
+def test_exports_are_written_per_session_and_bounded(launched, tmp_path):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    hist = [*msg("q"), {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    for _ in range(9):
+        path = c.predict(hist, api_name="/export_markdown")
+    assert Path(path).read_text().startswith("# Conversation")
+    ours = list((tmp_path / "gradio").glob("internlm-chat-*/s-*/*/*.md"))  # GRADIO_TEMP_DIR of the fixture
+    assert 0 < len(ours) <= 6, f"{len(ours)} export files kept for one session"

@@ -1,0 +1,180 @@
+"""Pure parts of the page: literal user text, browser-storage trimming, the waiting line, session files, the
+System tab's words and numbers, the header."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from model_loader.config import AppConfig
+from model_loader.engines.seam import Delta, Stats
+from model_loader.engines.slot import EngineSlot
+from ui import user_text
+from ui.chat_tab import fit_for_browser
+from ui.files import Scratch
+from ui.streaming import stream_into, waiting_line
+
+TRICKY = [
+    "</s>",
+    "<s>x</s> **bold** _it_ `code` ~~gone~~ [link](http://x) ![img](y) $$x^2$$",
+    "# heading\n> quote\n- item\n+ item\n1. first\n2) second\n---\n===\n| a | b |\n|---|---|",
+    "    indented code\n\ttabbed\n  two spaces",
+    "C:\\Users\\me \\* \\\\ back\\slashes &amp; &nbsp; &#9; entities",
+    "中文 <b>粗体</b> 😀 \u2060 joiner",
+    "",
+]
+
+
+@pytest.mark.parametrize("raw", TRICKY)
+def test_shown_text_reads_back_exactly(raw):
+    assert user_text.typed(user_text.shown(raw)) == raw
+
+
+def test_shown_text_escapes_what_markdown_and_html_would_act_on():
+    m = user_text.MARK
+    assert user_text.shown("</s>") == m + "\\</s\\>"
+    assert user_text.shown("# h\n2. x\n- y") == m + "\\# h\n2\\. x\n\\- y"
+    assert user_text.shown("    code") == m + "&nbsp;" * 4 + "code"
+    assert user_text.shown("a*b* my_var") == m + "a\\*b\\* my\\_var"
+
+
+def test_unmarked_text_is_taken_as_typed():
+    assert user_text.typed("an API client's raw \\* text") == "an API client's raw \\* text"
+
+
+def test_clean_replaces_lone_surrogates_and_keeps_pairs():
+    assert user_text.clean("a\ud800b\udfffc") == "a\ufffdb\ufffdc"
+    assert user_text.clean("ok \ud83d\ude00") == "ok 😀"
+    assert user_text.clean("nul\x00") == "nul"
+    hist = user_text.clean_history([{"role": "user", "content": [{"type": "text", "text": "x\ud800"}]}, "junk"])
+    assert hist == [{"role": "user", "content": [{"type": "text", "text": "x\ufffd"}]}]
+
+
+def test_saved_conversation_keeps_the_newest_whole_turns():
+    hist = []
+    for i in range(10):
+        hist += [{"role": "user", "content": f"q{i} " + "x" * 100}, {"role": "assistant", "content": f"a{i} " + "y" * 100}]
+    kept, dropped = fit_for_browser(hist, budget=1000)
+    assert kept[0]["role"] == "user" and kept[-1] == hist[-1]
+    assert dropped == len(hist) - len(kept) and 0 < len(kept) < len(hist)
+    assert fit_for_browser(hist, budget=10**9) == (hist, 0)
+    assert fit_for_browser([{"role": "user", "content": "z" * 5000}], budget=1000) == ([], 1)
+
+
+def test_waiting_line():
+    assert waiting_line(5, 8) == "" and waiting_line(9, 0) == ""
+    line = waiting_line(10, 8)
+    assert "Waiting for a free slot" in line and "2 are waiting" in line
+
+
+def test_a_reply_waiting_for_a_slot_says_so_until_its_first_text(monkeypatch):
+    monkeypatch.setattr("ui.streaming.WAIT_POLL_S", 0.02)
+    active = {"n": 12}
+
+    async def slow():
+        await asyncio.sleep(0.15)
+        active["n"] = 8
+        yield Delta("hello")
+        yield Stats(3, 1, 0.15, 0.2, "stop")
+
+    async def run():
+        return [line async for _, line in stream_into([], slow(), active=lambda: active["n"], capacity=8)]
+
+    lines = asyncio.run(run())
+    assert any("Waiting for a free slot" in x and "4 are waiting" in x for x in lines)
+    assert "first token" in lines[-1] and "Waiting" not in lines[-1]
+
+
+def test_stream_into_closes_the_engine_stream_when_the_reader_leaves():
+    closed = []
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.001)
+                yield Delta("x")
+        finally:
+            closed.append(True)
+
+    async def run():
+        gen = stream_into([], endless())
+        async for _ in gen:
+            if len(closed) == 0 and _[0][-1]["content"]:
+                break
+        await gen.aclose()
+
+    asyncio.run(run())
+    assert closed == [True]
+
+
+def test_scratch_keeps_few_files_per_session_and_forgets_them(tmp_path):
+    s = Scratch(tmp_path / "root", keep=3)
+    for i in range(7):
+        last = s.path("abc", f"f{i}.md")
+        last.write_text("x")
+    assert len(list(s.folder("abc").glob("*/*.md"))) == 3 and last.exists() and last.name == "f6.md"
+    s.path("other", "o.md").write_text("y")
+    s.drop("abc")
+    assert not s.folder("abc").exists() and s.folder("other").exists()
+    old = s.folder("other")
+    os.utime(old, (time.time() - 10 * 3600, time.time() - 10 * 3600))
+    s.shared("examples")
+    s.path("new", "n.md")
+    assert not old.exists() and (s.root / "_examples").exists()
+
+
+def test_scratch_writes_nothing_until_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "g"))
+    s = Scratch()
+    assert not (tmp_path / "g").exists()
+    assert str(s.root).startswith(str(tmp_path / "g"))
+
+
+def test_system_tab_numbers_and_words():
+    from ui.system_tab import NO_GPU, memory_markdown
+
+    assert memory_markdown({"gpu": None}) == NO_GPU
+    md = memory_markdown(
+        {
+            "gpu": {"name": "NVIDIA A10", "used_mib": 20000, "total_mib": 23028},
+            "memory": [
+                {"engine": "vision", "what": "planned", "MiB": 15000},
+                {"engine": "vision", "what": "measured", "MiB": 15300},
+                {"engine": "text", "what": "planned", "MiB": 19000},
+            ],
+        }
+    )
+    assert "NVIDIA A10" in md and "15,300" in md and "+2.0%" in md and "not loaded yet" in md
+
+
+def test_configuration_only_for_a_logged_in_operator():
+    import gradio as gr
+
+    from ui.system_tab import build_system_tab
+
+    slots = {"text": EngineSlot("text", "ready", "Ready"), "vision": EngineSlot("vision", "failed", "CUDA OOM")}
+    with gr.Blocks():
+        tab = build_system_tab(slots, lambda: {"gpu": None}, lambda k: k, [], config={"cache_dir": "/secret"})
+    visitor = tab.load_fn(SimpleNamespace(username=None))
+    operator = tab.load_fn(SimpleNamespace(username="alice"))
+    assert visitor[-1]["visible"] is False and visitor[-1]["value"] is None
+    assert operator[-1]["visible"] is True and operator[-1]["value"] == {"cache_dir": "/secret"}
+    assert visitor[2]["visible"] is False  # no chart without a GPU
+    assert "CUDA OOM" in visitor[0]
+    with gr.Blocks():
+        open_tab = build_system_tab(slots, lambda: {"gpu": None}, lambda k: k, [], config=None)
+    assert open_tab.load_fn(SimpleNamespace(username="alice"))[-1]["visible"] is False
+
+
+def test_header_shows_models_engine_and_states_in_the_visitors_language():
+    from ui.page import header_html
+
+    slots = {"text": EngineSlot("text", "ready", "Ready"), "vision": EngineSlot("vision", "loading", "Loading <x>")}
+    h = header_html(slots, AppConfig())
+    assert "InternLM2-Chat-1.8B" in h and "LLaVA-1.5-7B" in h and "LMDeploy TurboMind" in h
+    assert "state-ready" in h and "state-loading" in h and "Loading &lt;x&gt;" in h
+    assert "就绪" in header_html(slots, AppConfig(), "zh") and "加载中" in header_html(slots, AppConfig(), "zh")
