@@ -270,6 +270,27 @@ def test_refusals_are_readable_on_the_page(page, tmp_path):
     page_has(pg, "not an image we can read")
 
 
+def test_a_refusal_leaves_the_conversation_in_view(page):
+    """The toast explains; the chat and the box stay as they were, without Gradio's red "Error" pill over them."""
+    pg = page
+    type_and_enter(pg, "first question")
+    pg.wait_for_function("document.querySelectorAll('#chatbot .bot-row').length === 1")
+    wait_enabled(pg, "#chat-send")
+    pg.click("#chat-input textarea")
+    pg.keyboard.press("Enter")  # nothing typed
+    page_has(pg, "Please type a message first")
+    pg.wait_for_timeout(300)  # the failed event's status would land now
+    assert pg.locator("#chatbot .error, #chat-input .error").count() == 0, "an Error pill covers the chat"
+    assert "first question" in pg.locator("#chatbot").inner_text()
+    wait_enabled(pg, "#chat-send")
+    pg.get_by_role("tab", name="Image chat").click()
+    type_and_enter(pg, "what is this?", "#image-question textarea")
+    page_has(pg, "Upload an image first")
+    pg.wait_for_timeout(300)
+    assert pg.locator("#image-chatbot .error, #image-question .error").count() == 0
+    assert pg.input_value("#image-question textarea") == "what is this?"  # kept, to ask once the image is there
+
+
 def test_user_text_shows_literally_and_never_runs(page):
     pg = page
     evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'

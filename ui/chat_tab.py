@@ -263,10 +263,19 @@ def build_chat_tab(
 
         lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
 
-        def answer(triggers, check, inputs, outputs, name, api_name):
+        # a failed event marks its outputs with Gradio's red "Error" pill, over the chat; the refusal's own text is in
+        # the toast, so the checks write here (invisible) and the chat and box change only once a check has passed
+        sink = gr.Textbox(visible=False)
+
+        def answer(triggers, check, inputs, outputs, name, api_name, precheck=None):
             """Lock the controls in the page at once, check on the server, stream, then unlock and save."""
             gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
-            accepted = gr.on(triggers, check, inputs, outputs, api_name=api_name, **ui)
+            if precheck is None:
+                accepted = gr.on(triggers, check, inputs, outputs, api_name=api_name, **ui)
+            else:
+                checked = gr.on(triggers, precheck, inputs, sink, api_name=False, **ui)
+                checked.failure(unlock, None, buttons, api_name=False, queue=False)
+                accepted = checked.success(check, inputs, outputs, api_name=api_name, **ui)
             accepted.failure(unlock, None, buttons, api_name=False, queue=False)
             ev = accepted.success(
                 reply,
@@ -282,7 +291,11 @@ def build_chat_tab(
             ev.success(save, [chatbot, stats], [saved, stats], api_name=False, queue=False)
             running.append(ev)
 
-        answer([msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message")
+        def check_message(message, history, request: gr.Request) -> str:
+            accept(message, history, request)
+            return ""
+
+        answer([msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message", check_message)
         answer([regen.click], regenerate, chatbot, chatbot, False, "regenerate")
         answer([chatbot.retry], regenerate, chatbot, chatbot, False, False)
         answer([chatbot.edit], edited, chatbot, chatbot, False, False)

@@ -207,14 +207,21 @@ def build_image_tab(
         # lock in the page at once (Ask off, Stop on, the image fixed), before the server has even seen the question
         lock = streaming.interactive_js(False, True, False)
         gr.on([question.submit, ask.click], None, None, controls, js=lock, api_name=False, queue=False)
-        accepted = gr.on(
-            [question.submit, ask.click],
-            accept,
-            [question, chatbot, image],
-            [question, chatbot],
-            api_name="add_question",
-            preprocess=False,
-            **ui,
+        # a failed event marks its outputs with Gradio's red "Error" pill; the refusal's text is in the toast, so the
+        # check writes here (invisible) and the chat and question change only once it has passed
+        sink = gr.Textbox(visible=False)
+
+        def check_question(q, history, image, request: gr.Request) -> str:
+            accept(q, history, image, request)
+            return ""
+
+        checked = gr.on(
+            [question.submit, ask.click], check_question, [question, chatbot, image], sink, api_name=False,
+            preprocess=False, **ui,
+        )  # fmt: skip
+        checked.failure(unlock, None, controls, api_name=False, queue=False)
+        accepted = checked.success(
+            accept, [question, chatbot, image], [question, chatbot], api_name="add_question", preprocess=False, **ui
         )
         accepted.failure(unlock, None, controls, api_name=False, queue=False)
         running = accepted.success(
