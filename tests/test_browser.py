@@ -291,6 +291,18 @@ def test_a_refusal_leaves_the_conversation_in_view(page):
     assert pg.input_value("#image-question textarea") == "what is this?"  # kept, to ask once the image is there
 
 
+def test_a_message_too_long_stays_in_the_box_to_shorten(page):
+    pg = page
+    long = "x " * 20_000
+    pg.fill("#chat-input textarea", long)
+    pg.click("#chat-input textarea")
+    pg.keyboard.press("Enter")
+    page_has(pg, "too long for the model")
+    wait_enabled(pg, "#chat-send")
+    assert pg.input_value("#chat-input textarea").strip() == long.strip()  # still there, to shorten
+    assert pg.locator("#chatbot .message-row.user-row").count() == 0  # and not left unanswered in the chat
+
+
 def test_user_text_shows_literally_and_never_runs(page):
     pg = page
     evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'

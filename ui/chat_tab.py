@@ -7,6 +7,7 @@ reply in the same chat; Clear and Undo stop the reply first and wait for it to e
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import gradio as gr
@@ -267,13 +268,13 @@ def build_chat_tab(
         # the toast, so the checks write here (invisible) and the chat and box change only once a check has passed
         sink = gr.Textbox(visible=False)
 
-        def answer(triggers, check, inputs, outputs, name, api_name, precheck=None):
+        def answer(triggers, check, inputs, outputs, name, api_name, precheck=None, precheck_inputs=None):
             """Lock the controls in the page at once, check on the server, stream, then unlock and save."""
             gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
             if precheck is None:
                 accepted = gr.on(triggers, check, inputs, outputs, api_name=api_name, **ui)
             else:
-                checked = gr.on(triggers, precheck, inputs, sink, api_name=False, **ui)
+                checked = gr.on(triggers, precheck, precheck_inputs or inputs, sink, api_name=False, **ui)
                 checked.failure(unlock, None, buttons, api_name=False, queue=False)
                 accepted = checked.success(check, inputs, outputs, api_name=api_name, **ui)
             accepted.failure(unlock, None, buttons, api_name=False, queue=False)
@@ -291,11 +292,21 @@ def build_chat_tab(
             ev.success(save, [chatbot, stats], [saved, stats], api_name=False, queue=False)
             running.append(ev)
 
-        def check_message(message, history, request: gr.Request) -> str:
+        def check_message(message, history, system_prompt, max_new_tokens, request: gr.Request) -> str:
+            """Refuse before the message enters the chat: so a message too long for the window stays in the box."""
             accept(message, history, request)
+            if slot.ready:
+                engine = slot.engine
+                alone = to_engine_messages([{"role": "user", "content": clean(message)}], clean(system_prompt or ""),
+                                           reserved=engine.info.reserved)  # fmt: skip
+                window = engine.info.session_len or 8192
+                asyncio.run(streaming.fit_messages(engine, alone, window, int(max_new_tokens)))
             return ""
 
-        answer([msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message", check_message)
+        answer(
+            [msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message",
+            check_message, [msg, chatbot, system, max_new],
+        )  # fmt: skip
         answer([regen.click], regenerate, chatbot, chatbot, False, "regenerate")
         answer([chatbot.retry], regenerate, chatbot, chatbot, False, False)
         answer([chatbot.edit], edited, chatbot, chatbot, False, False)
