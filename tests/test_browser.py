@@ -198,7 +198,7 @@ def test_stop_ends_the_reply_and_gives_the_controls_back(page, engines):
     for action in ("Retry", "Edit", "Undo"):  # the chatbot's own buttons are off while it streams
         assert pg.locator(f"#chatbot button[aria-label='{action}']").last.is_disabled()
     pg.click("#chat-stop")
-    page_has(pg, "Stopped", "#chat-stats")
+    pg.wait_for_function("document.querySelector('#chat-stats').innerText.toLowerCase().includes('stopped')")
     wait_enabled(pg, "#chat-send")
     wait_enabled(pg, "#chat-stop", on=False)
     stopped_at = bot_text(pg)
@@ -268,6 +268,10 @@ def test_refusals_are_readable_on_the_page(page, tmp_path):
     fake.write_text("just some text, not a picture")
     pg.locator("#image-input input[type=file]").set_input_files(str(fake))
     page_has(pg, "not an image we can read")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(20 * 2**20 + 1))  # over the 20 MB upload limit
+    pg.locator("#image-input input[type=file]").set_input_files(str(big))
+    page_has(pg, "exceed the maximum allowed size")
 
 
 def test_a_refusal_leaves_the_conversation_in_view(page):
@@ -391,6 +395,7 @@ def test_system_tab_without_a_gpu_says_so_and_hides_the_configuration(page):
     assert not pg.locator("#system-chart").is_visible()
     assert not pg.locator("#system-config").is_visible()
     assert "cache_dir" not in pg.inner_text("body")
+    no_object_object(pg)
 
 
 # ---- README screenshots from the test double: SCREENSHOTS=ui/assets pytest tests/test_browser.py -k screenshots ----

@@ -210,3 +210,38 @@ def test_exports_are_written_per_session_and_bounded(launched, tmp_path):
     assert Path(path).read_text().startswith("# Conversation")
     ours = list((tmp_path / "gradio").glob("internlm-chat-*/s-*/*/*.md"))  # GRADIO_TEMP_DIR of the fixture
     assert 0 < len(ours) <= 6, f"{len(ours)} export files kept for one session"
+
+
+@pytest.fixture
+def one_at_a_time(engines, tmp_path, monkeypatch):
+    """The page with room for one text reply at a time: everyone else waits in Gradio's queue."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from tests.conftest import fake_startup
+    from ui.page import build_demo, launch_kwargs
+
+    st = fake_startup(*engines, host="127.0.0.1")
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info, concurrency={"text": 1})
+    kw = launch_kwargs(st.cfg, i18n)
+    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(**kw)
+    try:
+        yield url, engines
+    finally:
+        demo.close()
+
+
+def test_a_reply_cleared_while_it_waits_in_the_queue_never_runs(one_at_a_time):
+    url, (text, _) = one_at_a_time
+    text.delay_s = 0.02
+    text.enqueue(" ".join(f"w{i}" for i in range(60)))
+    first = chat(Client(url, verbose=False), msg("I hold the only slot"), max_new=100)
+    while text.active_sessions() == 0:
+        time.sleep(0.01)
+    c = Client(url, verbose=False)
+    _, hist = c.predict("me next", [], api_name="/add_message")
+    waiting = chat(c, hist)
+    time.sleep(0.2)
+    assert c.predict(api_name="/clear")[0] == []
+    first.result(timeout=30)
+    assert waiting.result(timeout=30)[0] == []
+    assert [m[1][-1]["content"] for m in text.calls] == ["I hold the only slot"], "the cleared question was answered"

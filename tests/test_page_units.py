@@ -178,3 +178,14 @@ def test_header_shows_models_engine_and_states_in_the_visitors_language():
     assert "InternLM2-Chat-1.8B" in h and "LLaVA-1.5-7B" in h and "LMDeploy TurboMind" in h
     assert "state-ready" in h and "state-loading" in h and "Loading &lt;x&gt;" in h
     assert "就绪" in header_html(slots, AppConfig(), "zh") and "加载中" in header_html(slots, AppConfig(), "zh")
+
+
+def test_concurrency_per_engine_can_follow_what_its_cache_holds():
+    from tests.conftest import fake_startup
+    from tests.fakes import FakeEngine
+    from ui.page import build_demo
+
+    st = fake_startup(FakeEngine("text"), FakeEngine("vision"), text_batch_size=32, vision_batch_size=8)
+    demo, _ = build_demo(st.slots, st.cfg, st.system_info, concurrency={"text": 5})
+    limits = {fn.concurrency_id: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id in ("text", "vision")}
+    assert limits == {"text": 5, "vision": 8}

@@ -2,7 +2,7 @@
 
 Every event that can refuse runs in Gradio's queue, where its error reaches the page as text. While a reply
 streams, Send/Enter/Regenerate are locked in the page (Stop is the live button) and the server refuses a second
-reply in the same chat; Clear and Undo stop the reply first and wait for it to end.
+reply in the same chat; Clear and Undo stop the reply, which then ends showing what they left.
 """
 
 from __future__ import annotations
@@ -199,15 +199,21 @@ def build_chat_tab(
 
         def accept(message, history, request: gr.Request):
             replies.check(key(request))
-            return add_user_message(message, history)
+            out = add_user_message(message, history)
+            replies.accepted(key(request))
+            return out
 
         def regenerate(history, request: gr.Request):
             replies.check(key(request))
-            return drop_last_reply(history)
+            out = drop_last_reply(history)
+            replies.accepted(key(request))
+            return out
 
         def edited(history, edit: gr.EditData, request: gr.Request):
             replies.check(key(request))
-            return edit_message(history, edit)
+            out = edit_message(history, edit)
+            replies.accepted(key(request))
+            return out
 
         async def reply(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, request: gr.Request
@@ -224,9 +230,9 @@ def build_chat_tab(
             return note, kept
 
         async def end_reply_with(history, request: gr.Request) -> None:
-            """A running reply stops and ends showing `history`, so that it cannot repaint the chat after this."""
+            """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
+            replies.replace(key(request), history)
             if replies.busy(key(request)):
-                replies.replace(key(request), history)
                 await stop_reply(slot, request)
                 await replies.wait_idle(key(request))
 

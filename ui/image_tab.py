@@ -179,7 +179,9 @@ def build_image_tab(
 
         def accept(question, history, image, request: gr.Request):
             replies.check(key(request))
-            return add_question(question, history, image)
+            out = add_question(question, history, image)
+            replies.accepted(key(request))
+            return out
 
         async def reply(image, history, temperature, max_new_tokens, request: gr.Request):
             async for update in stream_image_reply(
@@ -191,8 +193,8 @@ def build_image_tab(
             return await stop_image_reply(slot, request)
 
         async def clear_this(request: gr.Request):
-            if replies.busy(key(request)):  # the reply ends by itself, showing the cleared chat
-                replies.replace(key(request), [])
+            replies.replace(key(request), [])  # a running or waiting reply ends showing the cleared chat
+            if replies.busy(key(request)):
                 await stop_image_reply(slot, request)
                 await replies.wait_idle(key(request))
             return [], None, ""

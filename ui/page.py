@@ -73,6 +73,8 @@ footer {display: none !important}
   border-radius: 10px; padding: 9px 12px; background: var(--input-background-fill); box-shadow: var(--input-shadow)}
 #chat-input textarea:focus, #image-question textarea:focus {border-color: var(--input-border-color-focus)}
 .compose-buttons {gap: 6px !important}
+#chat-stop:not(:disabled), #image-stop:not(:disabled) {background: #dc2626 !important; color: white !important;
+  border-color: #dc2626 !important}
 .compose-buttons button {min-height: 38px}
 #chat-compose, #image-compose {align-items: stretch}
 .tool-row {gap: 6px !important}

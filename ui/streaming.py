@@ -75,11 +75,13 @@ def show_error(e: AppError) -> gr.Error:
 
 
 class Replies:
-    """The chats with a reply streaming now: a second reply in the same chat is refused, and Clear/Undo can end the
-    reply with the conversation they leave (so whatever the page draws last, it draws that)."""
+    """The chats with a reply streaming (or accepted and waiting in the queue): a second reply in the same chat is
+    refused, and Clear/Undo make the reply end showing what they left, so whatever the page draws last, it draws
+    that. (Cancelling the event instead is not enough: its last update can still land after theirs in the page.)"""
 
     def __init__(self) -> None:
         self._done: dict[str, asyncio.Event] = {}
+        self._pending: set[str] = set()  # accepted, reply not started yet
         self._instead: dict[str, list[dict]] = {}
 
     def busy(self, key: str) -> bool:
@@ -90,10 +92,18 @@ class Replies:
         if key in self._done:
             raise refuse(BUSY, "One reply at a time")
 
+    def accepted(self, key: str) -> None:
+        """A message was accepted: its reply is on the way (perhaps waiting in Gradio's queue)."""
+        self._instead.pop(key, None)
+        self._pending.add(key)
+
     @contextlib.asynccontextmanager
     async def one(self, key: str):
         """Hold the chat for one reply; released however the reply ends (done, stopped, failed, cancelled)."""
         self.check(key)
+        if key not in self._pending:
+            self._instead.pop(key, None)  # left over from a chat whose reply never came
+        self._pending.discard(key)
         done = self._done[key] = asyncio.Event()
         try:
             yield
@@ -103,8 +113,8 @@ class Replies:
             done.set()
 
     def replace(self, key: str, history: list[dict]) -> None:
-        """The running reply is to end showing `history` instead (Clear: [], Undo: the turn removed)."""
-        if key in self._done:
+        """The running or waiting reply is to end showing `history` instead (Clear: [], Undo: the turn removed)."""
+        if key in self._done or key in self._pending:
             self._instead[key] = history
 
     def replaced(self, key: str) -> list[dict] | None:
@@ -120,10 +130,11 @@ class Replies:
     async def stream(self, key: str, updates: AsyncIterator[tuple[list[dict], str]]):
         """Pass a reply's updates on; once Clear/Undo replaced the conversation, end with theirs instead."""
         async with self.one(key), contextlib.aclosing(updates):
-            async for update in updates:
-                if self.replaced(key) is not None:
-                    break
-                yield update
+            if self.replaced(key) is None:  # a reply cleared while it waited in the queue never starts
+                async for update in updates:
+                    if self.replaced(key) is not None:
+                        break
+                    yield update
             instead = self.replaced(key)
             if instead is not None:
                 yield instead, ""
