@@ -115,8 +115,8 @@ def no_object_object(pg) -> None:
 # ---- the matrix of issue 13: phone and laptop, English and Chinese ----
 
 WORDS = {
-    "en-US": {"send": "Send", "image_tab": "Image chat", "examples": "Examples"},
-    "zh-CN": {"send": "发送", "image_tab": "图片对话", "examples": "示例"},
+    "en-US": {"send": "Send", "image_tab": "Image chat", "system_tab": "System", "examples": "Examples"},
+    "zh-CN": {"send": "发送", "image_tab": "图片对话", "system_tab": "系统", "examples": "示例"},
 }
 
 
@@ -159,6 +159,10 @@ def test_type_enter_stream_and_controls(app, browser, engines, size, locale):
         examples.first.wait_for()
         assert examples.count() == 3 and all(examples.nth(i).is_visible() for i in range(3))
         page_has(pg, words["examples"], "#image-examples")
+        no_sideways_scroll(pg)
+        no_object_object(pg)
+        pg.get_by_role("tab", name=words["system_tab"]).click()
+        page_has(pg, "No NVIDIA GPU", "#system-memory")
         no_sideways_scroll(pg)
         no_object_object(pg)
         assert not pg.errors, pg.errors

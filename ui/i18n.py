@@ -31,7 +31,6 @@ EN = {
     "question_ph": "Ask about the image · Enter to send",
     "ask": "Ask",
     "memory": "GPU memory",
-    "engines": "Engines",
     "config": "Configuration (operator only)",
     "examples": "Examples",
 }
@@ -64,7 +63,6 @@ ZH = {
     "question_ph": "关于图片提问 · 回车发送",
     "ask": "提问",
     "memory": "显存",
-    "engines": "引擎",
     "config": "配置（仅管理员可见）",
     "examples": "示例",
 }

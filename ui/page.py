@@ -84,6 +84,7 @@ footer {display: none !important}
 #image-examples .grid-container {grid-template-columns: repeat(3, minmax(0, 200px)) !important; gap: 10px !important}
 #image-examples .thumbnail-item {aspect-ratio: 4 / 3 !important}
 #image-chatbot .message-row img {max-height: 180px; width: auto; object-fit: contain}
+#system-engines table, #system-memory table {display: block; overflow-x: auto; white-space: nowrap; max-width: 100%}
 .example-chips {flex-wrap: wrap !important; gap: 6px !important}
 .example-chips button.example-chip {flex: 0 1 auto !important; min-width: 0 !important; max-width: 100% !important;
   display: block !important; font-weight: 400; white-space: nowrap !important; overflow: hidden !important;

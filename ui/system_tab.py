@@ -90,8 +90,15 @@ def build_system_tab(
     with gr.Blocks() as tab:
         engines = gr.Markdown(elem_id="system-engines")
         memory = gr.Markdown(elem_id="system-memory")
-        chart = gr.BarPlot(
-            x="engine", y="MiB", color="what", label=i18n("memory"), elem_id="system-chart", visible=False, height=260
+        chart = gr.BarPlot(  # one bar per engine and kind, side by side (a colour alone would stack them)
+            x="bar",
+            y="MiB",
+            color="what",
+            x_title=" ",
+            label=i18n("memory"),
+            elem_id="system-chart",
+            visible=False,
+            height=260,
         )
         with gr.Accordion("Memory plan", open=False):
             plan = gr.Markdown(elem_id="system-plan")
@@ -103,6 +110,7 @@ def build_system_tab(
             info = system_info()
             rows = info.get("memory") or []
             frame = pd.DataFrame(rows, columns=["engine", "what", "MiB"])
+            frame["bar"] = frame["engine"] + " · " + frame["what"]
             operator = config is not None and bool(getattr(request, "username", None))
             return (
                 engines_markdown(slots, info.get("kv_tokens", {}), q),
