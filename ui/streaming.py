@@ -255,10 +255,10 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, engine.count_tokens, budget)
     if tokens > budget:
         with_system = " with the system prompt" if kept[0]["role"] == "system" else ""
-        raise gr.Error(
+        raise refuse(
             f"This message is too long for the model's {session_len:,}-token window: it takes {tokens:,} tokens"
             f"{with_system}, and {max_new:,} are kept for the reply. Shorten it or lower Max new tokens.",
-            title="Message too long",
+            "Message too long",
         )
     if dropped:
         note = f"The {dropped} oldest messages no longer fit the {session_len:,}-token window and were left out."
