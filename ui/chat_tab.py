@@ -60,10 +60,7 @@ async def stream_reply(
     """Stream InternLM2's answer to the conversation's last user message (one reply at a time per chat)."""
     engine = streaming.engine_or_error(slot)
     history = clean_history(history)
-    if not history or history[-1].get("role") != "user":
-        raise streaming.refuse("There is no question to answer; send a message first.", "Nothing to answer")
-    if not typed(text_of(history[-1].get("content"))).strip():
-        raise streaming.refuse(EMPTY, "Empty message")
+    streaming.require_question(history, "There is no question to answer; send a message first.", EMPTY, "Empty message")
     settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
     replies = replies or streaming.Replies()
     key = streaming.chat_key(request, TAB)
@@ -72,18 +69,9 @@ async def stream_reply(
     window = engine.info.session_len or 8192
     messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens)
     notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
-    stream = engine.stream(streaming.session_id(request, TAB), messages, settings)
-    capacity = getattr(engine.info, "capacity", 0)
-    updates = streaming.stream_into(history, stream, notice, engine.active_sessions, capacity)
+    updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB)
     async for update in replies.stream(key, updates):
         yield update
-
-
-async def stop_reply(slot: EngineSlot, request: gr.Request) -> str:
-    """Stop this browser's running reply now (the event itself is cancelled too); the stats line says so."""
-    if slot.ready:
-        await slot.engine.stop(streaming.session_id(request, TAB))
-    return streaming.STOPPED
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
@@ -225,7 +213,7 @@ def build_chat_tab(
                 yield update
 
         async def stop_this(history, request: gr.Request):
-            note = await stop_reply(slot, request)
+            note = await streaming.stop_reply(slot, request, TAB)
             kept, dropped = fit_for_browser(clean_history(history))
             return note, kept
 
@@ -233,7 +221,7 @@ def build_chat_tab(
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
             replies.replace(key(request), history)
             if replies.busy(key(request)):
-                await stop_reply(slot, request)
+                await streaming.stop_reply(slot, request, TAB)
                 await replies.wait_idle(key(request))
 
         async def undo_this(history, request: gr.Request):

@@ -15,11 +15,11 @@ import gradio as gr
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.conversation import is_image_message, text_of, to_vision_messages
+from ui.conversation import is_image_message, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
 from ui.images import load_image
-from ui.user_text import clean, clean_history, shown, typed, typed_history
+from ui.user_text import clean, clean_history, shown, typed_history
 
 TAB = "vision"
 NO_IMAGE = "Upload an image first (click, drop or paste it into the image box)."
@@ -74,10 +74,10 @@ async def stream_image_reply(
     path = path_of(image)
     if not path:
         raise streaming.refuse(NO_IMAGE, "No image")
-    if not history or history[-1].get("role") != "user" or is_image_message(history[-1]):
-        raise streaming.refuse("Ask a question about the image first.", "Nothing to answer")
-    if not typed(text_of(history[-1].get("content"))).strip():
-        raise streaming.refuse("Please type a question about the image.", "Empty question")
+    asked = history if not (history and is_image_message(history[-1])) else []  # an image alone asks nothing
+    streaming.require_question(
+        asked, "Ask a question about the image first.", "Please type a question about the image.", "Empty question"
+    )
     replies = replies or streaming.Replies()
 
     async def updates():
@@ -92,20 +92,11 @@ async def stream_image_reply(
         )
         if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
             messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
-        stream = engine.stream(streaming.session_id(request, TAB), messages, settings)
-        capacity = getattr(engine.info, "capacity", 0)
-        async for update in streaming.stream_into(history, stream, notice, engine.active_sessions, capacity):
+        async for update in streaming.reply_updates(engine, history, messages, settings, notice, request, TAB):
             yield update
 
     async for update in replies.stream(streaming.chat_key(request, TAB), updates()):
         yield update
-
-
-async def stop_image_reply(slot: EngineSlot, request: gr.Request) -> str:
-    """Stop this browser's running image reply; the stats line says so."""
-    if slot.ready:
-        await slot.engine.stop(streaming.session_id(request, TAB))
-    return streaming.STOPPED
 
 
 def build_image_tab(
@@ -190,12 +181,12 @@ def build_image_tab(
                 yield update
 
         async def stop_this(request: gr.Request) -> str:
-            return await stop_image_reply(slot, request)
+            return await streaming.stop_reply(slot, request, TAB)
 
         async def clear_this(request: gr.Request):
             replies.replace(key(request), [])  # a running or waiting reply ends showing the cleared chat
             if replies.busy(key(request)):
-                await stop_image_reply(slot, request)
+                await streaming.stop_reply(slot, request, TAB)
                 await replies.wait_idle(key(request))
             return [], None, ""
 

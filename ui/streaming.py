@@ -17,8 +17,9 @@ import gradio as gr
 from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
-from ui.conversation import format_stats, to_json, to_markdown, token_upper_bound, trim_to_fit
+from ui.conversation import format_stats, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
 from ui.files import Scratch
+from ui.user_text import typed
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,28 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
         gr.Info(note)
         return kept, note
     return kept, ""
+
+
+def require_question(history: list[dict], nothing: str, empty: str, empty_title: str) -> None:
+    """The conversation must end with a user message that says something, or there is nothing to answer."""
+    if not history or history[-1].get("role") != "user":
+        raise refuse(nothing, "Nothing to answer")
+    if not typed(text_of(history[-1].get("content"))).strip():
+        raise refuse(empty, empty_title)
+
+
+def reply_updates(engine: ChatEngine, history: list[dict], messages: list[dict], settings: GenSettings, notice: str,
+                  request: gr.Request | None, tab: str) -> AsyncIterator[tuple[list[dict], str]]:  # fmt: skip
+    """Start the engine on this browser's session for the tab and fill the chat from it."""
+    stream = engine.stream(session_id(request, tab), messages, settings)
+    return stream_into(history, stream, notice, engine.active_sessions, getattr(engine.info, "capacity", 0))
+
+
+async def stop_reply(slot: EngineSlot, request: gr.Request | None, tab: str) -> str:
+    """Stop this browser's running reply on the tab now; the stats line says so."""
+    if slot.ready:
+        await slot.engine.stop(session_id(request, tab))
+    return STOPPED
 
 
 def export_file(history: list[dict], fmt: str, scratch: Scratch, session: str) -> str:
