@@ -45,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--api-server", action="store_true", help="also measure `lmdeploy serve api_server`")
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
+    ap.add_argument(
+        "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
+    )
     a = ap.parse_args(argv)
     a.users_list = [int(x) for x in a.users.split(",") if x]
     return a
@@ -65,15 +68,35 @@ def client_minus_engine(turns: list[dict]) -> float | None:
     return round(d[len(d) // 2], 1) if d else None
 
 
-def app_runs(a: argparse.Namespace) -> dict:
+def py_spy(pid: int, name: str, gil: bool = False) -> subprocess.Popen | None:
+    """py-spy recording the app's threads (or only the GIL's holder) as collapsed stacks into $OUT/name."""
+    import shutil  # noqa: PLC0415
+
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable)) or ".venv/bin/py-spy"
+    if not os.path.exists(exe) and not shutil.which(exe):
+        return None
+    cmd = [exe, "record", "-r", "200", "-f", "raw", "--threads", "--nonblocking", "-o", str(OUT / name), "--pid", str(pid)]
+    return subprocess.Popen(cmd + (["--gil"] if gil else []), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
     """Returning users: --runs runs of every user count, interleaved; each run's summary kept."""
     runs: dict[str, list] = {str(n): [] for n in a.users_list}
     asyncio.run(users_on_pages(URL, 1, 1, 16))  # warm-up
     if a.gradio_profile:
         asyncio.run(phases())  # clears the warm-up's timings
-    for _ in range(a.runs):
+    for run in range(a.runs):
         for n in a.users_list:
+            spies = []
+            if a.py_spy and run == 0 and n == max(a.users_list):
+                spies = [s for s in (py_spy(pid, f"spy-{n}.txt"), py_spy(pid, f"spy-{n}-gil.txt", gil=True)) if s]
+            t_spy = time.perf_counter()
             turns, wall, loads = asyncio.run(users_on_pages(URL, n, a.turns, a.new_tokens))
+            for spy in spies:
+                spy.send_signal(2)
+                spy.wait(30)
+            if spies:
+                print("SPY seconds", round(time.perf_counter() - t_spy, 2), flush=True)
             s = summarize(turns, wall)
             if a.gradio_profile:
                 s["gradio"] = asyncio.run(phases())
@@ -270,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     proc = start_app(OUT / "app.log", a.gradio_profile)
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))
-        results["app"] = app_runs(a)
+        results["app"] = app_runs(a, proc.pid)
         save("app.json", results)
         if a.burst:
             results["burst"] = burst_runs(a)
