@@ -194,6 +194,24 @@ def test_shift_enter_adds_a_line_and_enter_waits_while_a_reply_streams(page, eng
     page_has(pg, "You said: impatient", "#chatbot")
 
 
+def test_one_press_of_enter_is_one_server_event(page):
+    """A turn costs the server one queued event (join + its stream), not a chain of checks, saves and unlocks:
+    at 32 users each extra request sat in the burst at every turn's start (issue 14)."""
+    pg = page
+    type_and_enter(pg, "warm up")
+    page_has(pg, "You said: warm up", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    sent: list[str] = []
+    pg.on("request", lambda r: sent.append(r.url) if "/gradio_api/" in r.url and "heartbeat" not in r.url else None)
+    type_and_enter(pg, "count my requests")
+    page_has(pg, "You said: count my requests", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    pg.wait_for_timeout(300)  # anything chained after the reply would be sent by now
+    joins = [u for u in sent if "/queue/join" in u]
+    posts = [u for u in sent if "/run/predict" in u]
+    assert len(joins) == 1 and not posts, sent
+
+
 def test_stop_ends_the_reply_and_gives_the_controls_back(page, engines):
     pg, (text, _) = page, engines
     long_reply(text, words=400, delay_s=0.05)

@@ -7,7 +7,6 @@ reply in the same chat; Clear and Undo stop the reply, which then ends showing w
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import gradio as gr
@@ -215,7 +214,7 @@ def build_chat_tab(
         async def stop_this(history, request: gr.Request):
             note = await streaming.stop_reply(slot, request, TAB)
             kept, dropped = fit_for_browser(clean_history(history))
-            return note, kept
+            return note, kept, *unlock()  # the cancelled turn never sends its last update
 
         async def end_reply_with(history, request: gr.Request) -> None:
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
@@ -235,7 +234,7 @@ def build_chat_tab(
 
         def save(history, stats_line):
             kept, dropped = fit_for_browser(clean_history(history))
-            return kept, (stats_line + "\n\n" + save_note(dropped)) if dropped else gr.skip()
+            return kept, (stats_line + "\n\n" + save_note(dropped)) if dropped else stats_line
 
         def unlock():
             return gr.update(interactive=slot.ready), gr.update(interactive=False), gr.update(interactive=True)
@@ -258,53 +257,94 @@ def build_chat_tab(
 
         lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
 
-        # a failed event marks its outputs with Gradio's red "Error" pill, over the chat; the refusal's own text is in
-        # the toast, so the checks write here (invisible) and the chat and box change only once a check has passed
-        sink = gr.Textbox(visible=False)
+        KEEP = (gr.skip(),) * 4  # saved and the three buttons stay as they are while a reply streams
 
-        def answer(triggers, check, inputs, outputs, name, api_name, precheck=None, precheck_inputs=None):
-            """Lock the controls in the page at once, check on the server, stream, then unlock and save."""
-            gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
-            if precheck is None:
-                accepted = gr.on(triggers, check, inputs, outputs, api_name=api_name, **ui)
-            else:
-                checked = gr.on(triggers, precheck, precheck_inputs or inputs, sink, api_name=False, **ui)
-                checked.failure(unlock, None, buttons, api_name=False, queue=False)
-                accepted = checked.success(check, inputs, outputs, api_name=api_name, **ui)
-            accepted.failure(unlock, None, buttons, api_name=False, queue=False)
-            ev = accepted.success(
-                reply,
-                [chatbot, *settings],
-                [chatbot, stats],
-                api_name=name,
-                concurrency_limit=concurrency,
-                concurrency_id=TAB,
-                show_progress="minimal",
-            )
-            ev.then(unlock, None, buttons, api_name=False, queue=False)
-            ev.failure(unlock, None, buttons, api_name=False, queue=False)
-            ev.success(save, [chatbot, stats], [saved, stats], api_name=False, queue=False)
-            running.append(ev)
+        async def reply_then_save(history, system_prompt, sampling, request):
+            """The rest of every turn once its check passed: stream, then save and give the controls back."""
+            current, line = history, ""
+            async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
+                yield (gr.skip(), current, line, *KEEP)
+            kept, shown_line = save(current, line)
+            yield (gr.skip(), current, shown_line, kept, *unlock())
 
-        def check_message(message, history, system_prompt, max_new_tokens, request: gr.Request) -> str:
-            """Refuse before the message enters the chat: so a message too long for the window stays in the box."""
-            accept(message, history, request)
-            if slot.ready:
+        async def send_turn(
+            message, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+            request: gr.Request,
+        ):  # fmt: skip
+            """Enter and Send in one server event. A refusal comes before anything changes, so the message stays
+            in the box to fix."""
+            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            replies.check(key(request))
+            out, history = add_user_message(message, history)
+            if slot.ready:  # too long even alone (with the system prompt): refused before it enters the chat
                 engine = slot.engine
                 alone = to_engine_messages([{"role": "user", "content": clean(message)}], clean(system_prompt or ""),
                                            reserved=engine.info.reserved)  # fmt: skip
-                window = engine.info.session_len or 8192
-                asyncio.run(streaming.fit_messages(engine, alone, window, int(max_new_tokens)))
-            return ""
+                await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
+            replies.accepted(key(request))
+            yield (out, history, "…", *KEEP)
+            async for update in reply_then_save(history, system_prompt, sampling, request):
+                yield update
 
-        answer(
-            [msg.submit, send.click], accept, [msg, chatbot], [msg, chatbot], "chat", "add_message",
-            check_message, [msg, chatbot, system, max_new],
-        )  # fmt: skip
-        answer([regen.click], regenerate, chatbot, chatbot, False, "regenerate")
-        answer([chatbot.retry], regenerate, chatbot, chatbot, False, False)
-        answer([chatbot.edit], edited, chatbot, chatbot, False, False)
-        stop.click(stop_this, chatbot, [stats, saved], cancels=running, api_name="stop", queue=False)
+        async def regenerate_turn(
+            history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+            request: gr.Request,
+        ):  # fmt: skip
+            """Regenerate and the chat's Retry: answer the last question again."""
+            history = regenerate(history, request)
+            yield (gr.skip(), history, "…", *KEEP)
+            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            async for update in reply_then_save(history, system_prompt, sampling, request):
+                yield update
+
+        async def edit_turn(
+            history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+            edit: gr.EditData, request: gr.Request,
+        ):  # fmt: skip
+            """An edited message: the conversation up to it, answered again."""
+            history = edited(history, edit, request)
+            yield (gr.skip(), history, "…", *KEEP)
+            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            async for update in reply_then_save(history, system_prompt, sampling, request):
+                yield update
+
+        def turn(triggers, fn, inputs, api_name):
+            """One server event per turn: the page locks its controls at once, and the event's last update (or
+            the failure handler, or Stop) gives them back."""
+            gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
+            ev = gr.on(
+                triggers,
+                streaming.refusals_as_toasts(fn, lambda: (*KEEP, *unlock())),
+                inputs,
+                [msg, chatbot, stats, saved, *buttons],
+                api_name=api_name,
+                concurrency_limit=concurrency,
+                concurrency_id=TAB,
+                show_progress="minimal",
+                show_progress_on=chatbot,  # its own Retry/Edit/Undo are off while it streams; the box stays usable
+            )
+            ev.failure(unlock, None, buttons, api_name=False, queue=False)
+            running.append(ev)
+
+        turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings], "send")
+        turn([regen.click, chatbot.retry], regenerate_turn, [chatbot, *settings], False)
+        turn([chatbot.edit], edit_turn, [chatbot, *settings], False)
+        # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply
+        api_only = gr.Button(visible=False)
+        api_only.click(accept, [msg, chatbot], [msg, chatbot], api_name="add_message", **ui)
+        api_only.click(regenerate, chatbot, chatbot, api_name="regenerate", **ui)
+        running.append(
+            api_only.click(
+                reply,
+                [chatbot, *settings],
+                [chatbot, stats],
+                api_name="chat",
+                concurrency_limit=concurrency,
+                concurrency_id=TAB,
+                show_progress="minimal",
+            )  # fmt: skip
+        )
+        stop.click(stop_this, chatbot, [stats, saved, *buttons], cancels=running, api_name="stop", queue=False)
         # no `cancels` here: the reply ends by itself, showing what Undo/Clear leave (a cancelled event's last
         # message can still land after theirs in the page)
         gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)

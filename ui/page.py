@@ -188,6 +188,11 @@ def status_line(slot: EngineSlot) -> str:
     return f"{STATE_ICONS.get(slot.state, '')} **{slot.state.capitalize()}** — {slot.message}"
 
 
+def settled(slots: Mapping[str, EngineSlot]) -> bool:
+    """No engine is still on its way: each is ready, failed or disabled."""
+    return all(s.state in ("ready", "failed", "disabled") for s in slots.values())
+
+
 def engine_status(slots: Mapping[str, EngineSlot]) -> dict:
     """Engine states for health checks and scripts (`/status` in the API)."""
     return {
@@ -217,16 +222,19 @@ def build_demo(
         saved = gr.BrowserState([], storage_key="internlm2-chat-history")
         known = gr.State(None)  # the engine readiness this page last saw
         with gr.Tabs():
-            with gr.Tab(i18n("chat"), id="chat"):
+            with gr.Tab(i18n("chat"), id="chat") as chat_page:
                 chat = build_chat_tab(text_slot, i18n, limits["text"], saved, replies, scratch)
-            with gr.Tab(i18n("image_chat"), id="image"):
+            with gr.Tab(i18n("image_chat"), id="image") as image_page:
                 image = build_image_tab(vision_slot, i18n, limits["vision"], cfg.max_image_pixels, replies, scratch)
-            with gr.Tab(i18n("system"), id="system"):
+            with gr.Tab(i18n("system"), id="system") as system_page:
                 system = build_system_tab(slots, system_info, i18n, demo_ref, cfg.redacted() if cfg.auth else None)
+
+        status_timer = gr.Timer(1.0)  # only until both engines have settled (ready, failed or disabled)
 
         def refresh_status(seen, request: gr.Request, first: bool = False):
             """Header and banners. Send/Ask start enabled; they are turned off when the page loads before its engine
-            is ready, and on when readiness arrives, never otherwise: a reply may be streaming with them locked."""
+            is ready, and on when readiness arrives, never otherwise: a reply may be streaming with them locked.
+            Once both engines have settled there is nothing left to watch, and the page's timer stops."""
             now = {"text": text_slot.ready, "vision": vision_slot.ready}
 
             def button(kind):
@@ -241,22 +249,32 @@ def build_demo(
                 status_line(vision_slot),
                 button("vision"),
                 now,
+                gr.Timer(active=False) if settled(slots) else gr.skip(),
             )
 
-        def on_load(seen, request: gr.Request):
-            return refresh_status(seen, request, first=True)
+        def on_load(seen, history, request: gr.Request):
+            """Everything a page needs when it opens, in one request: banners, and the conversation kept in the
+            browser (the System tab fills itself when it is opened)."""
+            return (*refresh_status(seen, request, first=True), history or [])
 
-        outputs = [header, chat.status, chat.send, image.status, image.ask, known]
-        demo.load(on_load, known, outputs, api_name=False, queue=False)
-        demo.load(lambda h: h or [], saved, chat.chatbot, api_name=False, queue=False)
-        demo.load(system.load_fn, None, system.outputs, api_name=False, queue=False)
+        outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
+        demo.load(on_load, [known, saved], [*outputs, chat.chatbot], api_name=False, queue=False)
 
         def status() -> dict:
             return engine_status(slots)
 
         gr.api(status, api_name="status")
-        timer = gr.Timer(1.0)
-        timer.tick(refresh_status, known, outputs, api_name=False, queue=False, show_progress="hidden")
+        status_timer.tick(refresh_status, known, outputs, api_name=False, queue=False, show_progress="hidden")
+
+        def show_system(request: gr.Request):
+            return (gr.Timer(active=True), *system.load_fn(request))
+
+        def hide_system():
+            return gr.Timer(active=False)
+
+        system_page.select(show_system, None, [system.timer, *system.outputs], api_name=False, queue=False)
+        for other in (chat_page, image_page):
+            other.select(hide_system, None, system.timer, api_name=False, queue=False)
 
         def forget_session(request: gr.Request) -> None:
             """The tab was closed or reloaded: remove the files written for it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import html
 import logging
@@ -56,6 +57,23 @@ def refuse(message: str, title: str = "Not sent") -> gr.Error:
     """
     log.info("refused (%s): %s", title, message)
     return gr.Error(html.escape(message), title=title, print_exception=False)
+
+
+def refusals_as_toasts(turn: Callable, last: Callable[[], tuple]) -> Callable:
+    """A page turn whose refusals (raised before or while it streams) become a warning toast and end with `last()`
+    (the controls given back) instead of failing the event: a failed event puts Gradio's red "Error" pill over its
+    outputs, the chat and the message box, and the refusal's own text is in the toast already."""
+
+    @functools.wraps(turn)  # Gradio reads the signature (gr.Request, gr.EditData) through the wrapper
+    async def page_turn(*args, **kwargs):
+        try:
+            async for update in turn(*args, **kwargs):
+                yield update
+        except gr.Error as e:
+            gr.Warning(e.message, title=e.title)
+            yield last()
+
+    return page_turn
 
 
 def engine_or_error(slot: EngineSlot) -> ChatEngine:

@@ -86,7 +86,8 @@ def build_system_tab(
     demo_ref: list,
     config: dict | None = None,
 ) -> gr.Blocks:
-    """The System tab's Blocks; refreshes every 2 seconds. `config` is shown only to a logged-in user (APP_AUTH)."""
+    """The System tab's Blocks; refreshes every 2 seconds while it is the tab in view (`tab.timer`, switched by the
+    page). `config` is shown only to a logged-in user (APP_AUTH)."""
     with gr.Blocks() as tab:
         engines = gr.Markdown(elem_id="system-engines")
         memory = gr.Markdown(elem_id="system-memory")
@@ -103,7 +104,7 @@ def build_system_tab(
         with gr.Accordion("Memory plan", open=False):
             plan = gr.Markdown(elem_id="system-plan")
         cfg_box = gr.JSON(label=i18n("config"), visible=False, elem_id="system-config")
-        timer = gr.Timer(2.0)
+        timer = gr.Timer(2.0, active=False)  # an open page that shows another tab costs the server nothing
 
         def refresh(request: gr.Request):
             q = queued_count(demo_ref[0]) if demo_ref else 0
@@ -124,4 +125,5 @@ def build_system_tab(
         timer.tick(refresh, None, outputs, api_name=False, queue=False, show_progress="hidden")
         tab.load_fn = refresh
         tab.outputs = outputs
+        tab.timer = timer
     return tab
