@@ -1,9 +1,12 @@
 """Capacity on an A10-sized card: a ballast leaves 22.5 GiB free, the app's start-up path builds both engines, and
-users hold conversations of 1k and 3k tokens of history over several turns, for each KV setting.
+users hold conversations of 1k and 3k tokens of history over several turns, for each text KV setting.
 
-    python -m bench.a10_capacity [--kv none,int8,int4] [--users 1,8,16,32] [--history 1024,3072] [--turns 3]
-                                 [--new-tokens 256] [--via seam|app] [--budget-s 480]
+    python -m bench.a10_capacity [--kv auto,int8] [--vision-kv int8] [--kv-ratio 0.4] [--text-kv-ratio 0.7]
+                                 [--users 1,8,16,32] [--history 1024,3072] [--turns 3] [--new-tokens 256]
+                                 [--via seam|app] [--budget-s 480]
 
+Without flags it runs the app's own defaults (AppConfig): `--kv` lists the text cache's settings (auto is resolved by
+the same plan as the app's), LLaVA keeps --vision-kv, and each engine its KV ratio.
 Each KV setting runs in a fresh process (the engines restart) beside one ballast process (bench/ballast.py). The
 seam mode drives LmdeployEngine.stream, as the UI does; `--via app` starts `python -m bench.serve` and drives it
 over Gradio's SSE, one session per user. TurboMind's own report of the KV blocks it allocated (TM_LOG_LEVEL=INFO)
@@ -31,8 +34,16 @@ PORT = 7861
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from model_loader.config import AppConfig  # noqa: PLC0415
+
+    d = AppConfig()
     ap = argparse.ArgumentParser(prog="python -m bench.a10_capacity")
-    ap.add_argument("--kv", default="none,int8,int4", help="KV settings to run, comma-separated (each ~2 min)")
+    ap.add_argument(
+        "--kv", default=d.text_kv_quant, help="text KV settings to run, comma-separated (each ~2 min; default: the app's)"
+    )
+    ap.add_argument("--vision-kv", default=d.vision_kv_quant, help="LLaVA's KV setting (default: the app's)")
+    ap.add_argument("--kv-ratio", type=float, default=d.kv_ratio, help="LLaVA's KV ratio (default: the app's)")
+    ap.add_argument("--text-kv-ratio", type=float, default=d.text_kv_ratio, help="the text KV ratio (default: the app's)")
     ap.add_argument("--users", default="1,8,16,32", help="concurrent users, comma-separated")
     ap.add_argument("--history", default="1024,3072", help="tokens of history each conversation starts with")
     ap.add_argument("--turns", type=int, default=3, help="turns each user takes")
@@ -48,18 +59,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def app_config(kv: str, **kw):
-    from model_loader.config import AppConfig  # noqa: PLC0415
+def app_flags(a: argparse.Namespace, kv: str) -> list[str]:
+    """The app's flags for this run: the models, the text KV setting `kv`, LLaVA's, and each engine's ratio."""
+    return [
+        *("--text-model", str(TEXT), "--vision-model", str(VISION), "--text-kv-quant", kv),
+        *("--vision-kv-quant", a.vision_kv, "--kv-ratio", str(a.kv_ratio), "--text-kv-ratio", str(a.text_kv_ratio)),
+    ]
 
-    return AppConfig(text_model=str(TEXT), vision_model=str(VISION), text_kv_quant=kv, vision_kv_quant=kv, **kw)
+
+def app_config(a: argparse.Namespace, kv: str):
+    """The AppConfig the app builds from app_flags (the seam mode starts engines with it)."""
+    from model_loader.config import from_args  # noqa: PLC0415
+
+    return from_args(app_flags(a, kv), {})[0]
 
 
-def planned(kv: str) -> dict:
+def planned(a: argparse.Namespace, kv: str) -> dict:
     """The planner's view of this card now, for this KV setting: blocks and tokens per engine, and the plan text."""
     from model_loader.memory import kv_cache, planner  # noqa: PLC0415
     from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
 
-    cfg = app_config(kv)
+    cfg = app_config(a, kv)
     mem = gpu_memory()
     specs = [planner.spec_from_path(VISION, VISION.name), planner.spec_from_path(TEXT, TEXT.name)]
     plan = planner.plan_for_config(cfg, specs, mem.total_mib, mem.free_mib, mem.used_mib)
@@ -142,8 +162,8 @@ def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
     from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
     from model_loader.startup import Startup  # noqa: PLC0415
 
-    r: dict = {"kv": kv, "plan": planned(kv)}
-    st = Startup(app_config(kv), dict(os.environ))
+    r: dict = {"kv": kv, "plan": planned(a, kv)}
+    st = Startup(app_config(a, kv), dict(os.environ))
     t0 = time.perf_counter()
     st.build_all()
     r["build_s"] = round(time.perf_counter() - t0, 1)
@@ -179,10 +199,9 @@ def run_setting_app(a: argparse.Namespace, kv: str, deadline: float) -> dict:
     def count_tokens(messages: list[dict]) -> int:  # close enough to the template's count for sizing histories
         return sum(len(tok.encode(m["content"])) + 5 for m in messages)
 
-    r: dict = {"kv": kv, "via": "app", "plan": planned(kv)}
+    r: dict = {"kv": kv, "via": "app", "plan": planned(a, kv)}
     url = f"http://127.0.0.1:{PORT}/"
-    cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
-    cmd += ["--text-kv-quant", kv, "--vision-kv-quant", kv, "--host", "127.0.0.1", "--port", str(PORT)]
+    cmd = [sys.executable, "-m", "bench.serve", *app_flags(a, kv), "--host", "127.0.0.1", "--port", str(PORT)]
     log_path = OUT / f"a10_capacity-app-{kv}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -228,11 +247,18 @@ def compare_blocks(r: dict, log_text: str) -> None:
             r["blocks"][kind]["metrics_total_blocks"] = m["total_blocks"]
 
 
+def kv_label(r: dict) -> str:
+    """The text KV setting run, with what the plan resolved "auto" to: 'auto -> int4'."""
+    resolved = ((r.get("plan") or {}).get("engines") or {}).get("text", {}).get("kv_quant", r["kv"])
+    return r["kv"] if resolved == r["kv"] else f"{r['kv']} -> {resolved}"
+
+
 def report(results: list[dict], a: argparse.Namespace, gpu: str, ball: dict) -> None:
     """a10_capacity.md (tables) and a10_capacity.png (throughput and first text by users, per KV setting)."""
     lines = [
         f"Measured {date.today()} on {gpu} with a ballast leaving {a.free_gib} GiB free (an A10's memory, this GPU's "
-        f"compute); lmdeploy 0.11.1 TurboMind, synthetic full-size LLaVA-1.5-7B then InternLM2-1.8B AWQ, ratio 0.4, "
+        f"compute); lmdeploy 0.11.1 TurboMind, synthetic full-size LLaVA-1.5-7B then InternLM2-1.8B AWQ, KV ratio "
+        f"{a.kv_ratio:g} (LLaVA) and {a.text_kv_ratio:g} (text), LLaVA's KV {a.vision_kv}; KV below is the text cache's; "
         f"through {'the launched app (SSE)' if a.via == 'app' else 'the engine seam (LmdeployEngine.stream)'}; "
         f"{a.turns} turns per user, {a.new_tokens} new tokens per reply. Ballast: {json.dumps(ball)}.",
         "",
@@ -241,12 +267,13 @@ def report(results: list[dict], a: argparse.Namespace, gpu: str, ball: dict) -> 
     ]
     for r in results:
         held = ((r.get("plan") or {}).get("engines") or {}).get("text", {}).get("conversations", {}).get("4k")
+        kv = kv_label(r)
         for x in r.get("runs", []):
             if "tok_s" not in x:
-                lines.append(f"| {r['kv']} | {x['history']} | {x['users']} | {x.get('skipped') or x.get('error')} | | | | | |")
+                lines.append(f"| {kv} | {x['history']} | {x['users']} | {x.get('skipped') or x.get('error')} | | | | | |")
                 continue
             lines.append(
-                f"| {r['kv']} | {x['history']} | {x['users']} | {x['tok_s']:,.0f} | {x['first_ms_median']} ms | "
+                f"| {kv} | {x['history']} | {x['users']} | {x['tok_s']:,.0f} | {x['first_ms_median']} ms | "
                 f"{x['first_ms_p90']} ms | {x['first_ms_max']} ms | {x['errors']} | {held} |"
             )
     lines += ["", "| KV | engine | planner: blocks (tokens) | TurboMind: blocks | planner error |", "|---|---|---|---|---|"]
@@ -276,9 +303,9 @@ def draw(results: list[dict], gpu: str, free_gib: float) -> None:
         for r in results:
             xs = [x for x in r.get("runs", []) if x["history"] == h and "tok_s" in x]
             users = [x["users"] for x in xs]
-            ax[0][j].plot(users, [x["tok_s"] for x in xs], "o-", label=f"KV {r['kv']}")
-            ax[1][j].plot(users, [x["first_ms_median"] for x in xs], "o-", label=f"KV {r['kv']} median")
-            ax[1][j].plot(users, [x["first_ms_p90"] for x in xs], "x--", label=f"KV {r['kv']} p90")
+            ax[0][j].plot(users, [x["tok_s"] for x in xs], "o-", label=f"KV {kv_label(r)}")
+            ax[1][j].plot(users, [x["first_ms_median"] for x in xs], "o-", label=f"KV {kv_label(r)} median")
+            ax[1][j].plot(users, [x["first_ms_p90"] for x in xs], "x--", label=f"KV {kv_label(r)} p90")
         ax[0][j].set_title(f"{h:,} tokens of history")
         ax[0][j].set_ylabel("aggregate tokens/s")
         ax[1][j].set_ylabel("first text, ms")
@@ -294,7 +321,8 @@ def child_args(a: argparse.Namespace) -> list[str]:
     """The parent's choices, for a child that runs one KV setting."""
     return [
         *("--users", a.users, "--history", a.history, "--turns", str(a.turns), "--new-tokens", str(a.new_tokens)),
-        *("--via", a.via, "--free-gib", str(a.free_gib)),
+        *("--via", a.via, "--free-gib", str(a.free_gib), "--vision-kv", a.vision_kv),
+        *("--kv-ratio", str(a.kv_ratio), "--text-kv-ratio", str(a.text_kv_ratio)),
     ]
 
 

@@ -26,7 +26,7 @@ import time
 from datetime import date
 
 from bench.pages import gradio_phases, users_on_pages, wait_ready
-from bench.runs import OUT, TEXT, VISION, save
+from bench.runs import OUT, TEXT, VISION, as_the_app_builds, save
 from bench.sse_client import image_in_page, image_users
 from bench.workload import seam_users, spread, summarize
 
@@ -181,7 +181,7 @@ def api_server_reference(a: argparse.Namespace) -> dict:
     from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
     from model_loader.engines.lmdeploy_config import turbomind_config  # noqa: PLC0415
 
-    e = turbomind_config(AppConfig(text_model=str(TEXT)), "text", awq=True)
+    e = turbomind_config(as_the_app_builds(AppConfig(text_model=str(TEXT))), "text", awq=True)
     cmd = [sys.executable, "-m", "lmdeploy", "serve", "api_server", str(TEXT), "--backend", "turbomind"]
     cmd += ["--model-format", "awq", "--cache-max-entry-count", str(e.cache_max_entry_count), "--enable-prefix-caching"]
     cmd += ["--max-batch-size", str(e.max_batch_size), "--session-len", str(e.session_len), "--quant-policy", str(e.quant_policy)]

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 
-from bench.runs import TEXT
+from bench.runs import TEXT, as_the_app_builds
 from model_loader.config import AppConfig
 from model_loader.engines.lmdeploy_config import generation_config
 from model_loader.engines.seam import GenSettings
@@ -48,7 +48,8 @@ def main() -> None:
     r = {}
     gen = generation_config(GenSettings(temperature=0, max_new_tokens=100, ignore_eos=True))
     for mode in ("interactive", "stateless_prefix_caching"):
-        eng = LmdeployEngine.build("text", TEXT, AppConfig(prefix_caching=mode != "interactive"), awq=True)
+        cfg = as_the_app_builds(AppConfig(prefix_caching=mode != "interactive"))
+        eng = LmdeployEngine.build("text", TEXT, cfg, awq=True)
         pipe = eng.pipe
         run_on(pipe, first_token_ms(pipe, [{"role": "user", "content": "warm up"}], 1, True, True, gen))
         qs = turns(4)

@@ -7,6 +7,7 @@ conversation (prefix caching on or off). Called by gpu_engines.py; prints one JS
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -29,11 +30,11 @@ def main() -> None:
     ratio = float(sys.argv[1])
     pc = (sys.argv[2] if len(sys.argv) > 2 else "pc") == "pc"
     mem0 = gpu_memory()
-    spec = planner.spec_from_path(TEXT, "text")
+    spec = dataclasses.replace(planner.spec_from_path(TEXT, "text"), kv_quant="int8")  # the precision it is built with
     plan = planner.plan_order([spec], mem0.total_mib, mem0.free_mib, ratio, used_mib=mem0.used_mib)
     from model_loader.engines.turbomind import LmdeployEngine
 
-    cfg = AppConfig(kv_ratio=ratio, prefix_caching=pc, enable_vision=False)
+    cfg = AppConfig(text_kv_ratio=ratio, text_kv_quant="int8", prefix_caching=pc, enable_vision=False)
     t0 = time.perf_counter()
     eng = LmdeployEngine.build("text", TEXT, cfg, awq=True)
     r = {

@@ -1,6 +1,7 @@
-"""The raw engine as the app runs it, for bench_app's like-for-like reference: the app's TurbomindEngineConfig (ratio
-0.4, prefix caching, batch 32, its KV setting), N concurrent async `generate` streams in one process, the same
-conversations and reply lengths (ignore_eos) as the app's users. Prints one line, `RAW {json}`.
+"""The raw engine as the app runs it, for bench_app's like-for-like reference: the app's TurbomindEngineConfig (the
+text engine's KV ratio and its KV setting as the app resolves it on this GPU, prefix caching, batch 32), N concurrent
+async `generate` streams in one process, the same conversations and reply lengths (ignore_eos) as the app's users.
+Prints one line, `RAW {json}`.
 
     python -m bench.raw_reference --runs 5 --users 1,8,16,32 --turns 3 --new-tokens 256
 """
@@ -13,7 +14,7 @@ import itertools
 import json
 import time
 
-from bench.runs import TEXT
+from bench.runs import TEXT, as_the_app_builds
 from bench.workload import question, summarize
 
 _sessions = itertools.count(1)
@@ -76,7 +77,7 @@ def main() -> None:
     from model_loader.engines.lmdeploy_config import generation_config, turbomind_config  # noqa: PLC0415
     from model_loader.engines.seam import GenSettings  # noqa: PLC0415
 
-    cfg = AppConfig(text_model=str(TEXT), enable_vision=False)
+    cfg = as_the_app_builds(AppConfig(text_model=str(TEXT)))  # the app's text engine: its ratio, "auto" resolved
     engine_cfg = turbomind_config(cfg, "text", awq=True)
     pipe = pipeline(str(TEXT), backend_config=engine_cfg, log_level="WARNING")
     gen = generation_config(GenSettings(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True))

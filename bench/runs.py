@@ -31,6 +31,18 @@ def ensure_checkpoints() -> dict:
     return took
 
 
+def as_the_app_builds(cfg):
+    """`cfg` as the app's start-up builds its engines on this GPU: both models planned, "auto" KV resolved by that
+    plan (the raw references build the text engine with exactly the app's engine config)."""
+    from model_loader.memory import planner  # noqa: PLC0415
+
+    mem = gpu_memory()
+    known = ((VISION, planner.LLAVA_1_5_7B), (TEXT, planner.INTERNLM2_1_8B_AWQ))  # the checkpoints, or their shapes
+    specs = [planner.spec_from_path(p, p.name) if (p / "config.json").is_file() else spec for p, spec in known]
+    plan = planner.plan_for_config(cfg, specs, mem.total_mib, mem.free_mib, mem.used_mib) if mem else None
+    return planner.engine_config(cfg, plan)
+
+
 def used_mib() -> float:
     m = gpu_memory()
     return m.used_mib if m else 0.0

@@ -19,6 +19,8 @@ HUBS = ("hf", "openxlab", "git")
 BACKENDS = ("turbomind", "api_server")
 LOAD_ORDERS = ("auto", "vision-first", "text-first")
 KV_QUANTS = ("none", "int8", "int4")
+TEXT_KV_QUANTS = (*KV_QUANTS, "auto")  # auto: resolved by the planner (kv_cache.resolve_text_kv_quant)
+KV_RATIO_FIELDS = {"vision": "kv_ratio", "text": "text_kv_ratio"}  # each engine's share of the memory free
 
 
 def setting(default, env: str, help: str, choices: tuple[str, ...] | None = None, flag: str = ""):
@@ -48,12 +50,20 @@ class AppConfig:
     )
     enable_text: bool = setting(True, "APP_ENABLE_TEXT", "Serve the text chat tab.")
     enable_vision: bool = setting(True, "APP_ENABLE_VISION", "Serve the image chat tab.")
-    kv_ratio: float = setting(0.4, "APP_KV_RATIO", "Share of free GPU memory each engine gives its KV cache.")
+    kv_ratio: float = setting(
+        0.4, "APP_KV_RATIO", "Image engine (LLaVA): share of the GPU memory free when it is built that its KV cache takes."
+    )
+    text_kv_ratio: float = setting(
+        0.7,
+        "APP_TEXT_KV_RATIO",
+        "Text engine (InternLM2): share of the GPU memory free when it is built that its KV cache takes.",
+    )
     text_kv_quant: str = setting(
-        "int8",
+        "auto",
         "APP_TEXT_KV_QUANT",
-        "Text KV cache precision: int8 holds 1.9x the tokens of none (fp16), int4 3.6x (docs/capacity.md).",
-        KV_QUANTS,
+        "Text KV cache precision: int8 holds 1.9x the tokens of none (fp16), int4 3.8x; auto: int8 where it holds "
+        "16 conversations of 4k tokens, else int4 (docs/capacity.md).",
+        TEXT_KV_QUANTS,
     )
     vision_kv_quant: str = setting("int8", "APP_VISION_KV_QUANT", "Image KV cache precision.", KV_QUANTS)
     text_session_len: int = setting(8192, "APP_TEXT_SESSION_LEN", "Longest text conversation in tokens.")
@@ -83,8 +93,9 @@ class AppConfig:
     log_level: str = setting("INFO", "APP_LOG_LEVEL", "Logging level.")
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.kv_ratio < 1.0:
-            raise ConfigError(f"kv_ratio must be between 0 and 1, got {self.kv_ratio}.")
+        for name in KV_RATIO_FIELDS.values():
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}.")
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -109,6 +120,14 @@ class AppConfig:
             raise ConfigError("A server URL is set but the backend is turbomind: add --backend api_server to use it.")
         if not (self.enable_text or self.enable_vision):
             raise ConfigError("Both models are disabled: enable at least one.")
+
+    def kv_ratio_for(self, kind: str) -> float:
+        """The KV ratio of the 'text' or 'vision' engine."""
+        return getattr(self, KV_RATIO_FIELDS[kind])
+
+    def with_kv_ratio(self, kind: str, ratio: float) -> AppConfig:
+        """These settings with another KV ratio for one engine (an engine built out of the plan's order)."""
+        return dataclasses.replace(self, **{KV_RATIO_FIELDS[kind]: ratio})
 
     @property
     def cache_path(self) -> Path:

@@ -3,14 +3,14 @@
 Both models are fetched at once (one thread each). Each slot says what it is doing (downloading 42%, quantizing
 layer 7/24, loading), then holds a ready engine or the reason it failed; one engine failing leaves the other usable.
 Engines are built one at a time, as soon as their model is ready: the small text model usually arrives first, and
-is built with the KV ratio that leaves LLaVA exactly the room the memory plan gives it (planner.ratios_for_order),
+is built with the KV ratio that leaves LLaVA exactly the room the memory plan gives it (planner.ratios_for_order;
+each engine keeps the share of the card the plan gives it at its own ratio),
 so the Chat tab answers while LLaVA is still downloading.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -257,9 +257,9 @@ class Startup:
             return
         slot.state = "loading"
         backend = "turbomind" if kind == "text" else vision_engine_kind(r.path)
-        ratio = self.ratios.get(kind, self.cfg.kv_ratio)
+        ratio = self.ratios.get(kind, self.cfg.kv_ratio_for(kind))
         self.ratios[kind] = ratio
-        cfg = self.cfg if ratio == self.cfg.kv_ratio else dataclasses.replace(self.cfg, kv_ratio=ratio)
+        cfg = planner.engine_config(self.cfg, self.plan, {kind: ratio})  # "auto" KV precision as the plan resolved it
         slot.say(f"Loading {r.path.name} on {backend} (KV ratio {ratio:.3f}) ...")
         try:
             eng = LmdeployEngine.build(kind, r.path, cfg, backend=backend, awq=kind == "text", source=r.source)

@@ -124,3 +124,57 @@ def test_a10_capacity_report_tables_and_chart(tmp_path, monkeypatch):
 
 
 TEST_LOG_TEXT_ONLY = "[TM][INFO] [BlockManager] block_size = 3.094 MB\n[TM][INFO] [BlockManager] max_block_count = 342\n"
+
+
+def test_a10_capacity_defaults_to_the_apps_settings():
+    """With no flags the A10 bench measures what the app runs: the text KV setting "auto" (resolved by the same
+    plan), LLaVA's int8 and each engine's KV ratio; the app mode passes the same settings as flags."""
+    from bench import a10_capacity
+    from model_loader.config import AppConfig, from_args
+
+    d = AppConfig()
+    a = a10_capacity.parse_args([])
+    assert a.kv_list == [d.text_kv_quant] == ["auto"]
+    cfg = a10_capacity.app_config(a, "auto")
+    assert (cfg.text_kv_quant, cfg.vision_kv_quant, cfg.kv_ratio, cfg.text_kv_ratio) == (
+        d.text_kv_quant,
+        d.vision_kv_quant,
+        d.kv_ratio,
+        d.text_kv_ratio,
+    )
+    parent = a10_capacity.parse_args(["--kv", "auto,int8", "--vision-kv", "int4", "--text-kv-ratio", "0.6"])
+    child = a10_capacity.parse_args([*a10_capacity.child_args(parent), "--child", "int8"])
+    cfg = a10_capacity.app_config(child, "int8")
+    assert (cfg.text_kv_quant, cfg.vision_kv_quant, cfg.kv_ratio, cfg.text_kv_ratio) == ("int8", "int4", 0.4, 0.6)
+    flags, _ = from_args(a10_capacity.app_flags(child, "int8"), {})
+    assert flags == cfg
+
+
+def test_a10_capacity_report_names_what_auto_resolved_to(tmp_path, monkeypatch):
+    from bench import a10_capacity
+
+    monkeypatch.setattr(a10_capacity, "OUT", tmp_path)
+    a = a10_capacity.parse_args(["--users", "16"])
+    run = {"history": 3072, "users": 16, "tok_s": 2000.0, "first_ms_median": 500.0, "first_ms_p90": 700.0}
+    text = {"tokens": 68224, "blocks": 1066, "block_mib": 1.594, "kv_quant": "int4", "conversations": {"4k": 16}}
+    r = {"kv": "auto", "plan": {"engines": {"text": text}}, "runs": [{**run, "first_ms_max": 900.0, "errors": 0}]}
+    a10_capacity.report([r], a, "test GPU", {"free_gib": 22.5})
+    md = (tmp_path / "a10_capacity.md").read_text()
+    assert "| auto -> int4 | 3072 | 16 | 2,000 | 500.0 ms |" in md
+    assert "KV ratio 0.4 (LLaVA) and 0.7 (text)" in md
+
+
+def test_raw_references_build_the_app_s_text_engine_config(monkeypatch, tmp_path):
+    """bench/raw_reference.py and bench_app's api_server get the engine config the app builds on this GPU: the text
+    engine's ratio, and "auto" resolved by the same plan (int4 on an A10's 22.5 GiB, int8 on 80 GB)."""
+    from bench import runs
+    from model_loader.config import AppConfig
+    from model_loader.engines.lmdeploy_config import turbomind_config
+    from model_loader.memory.gpu import GpuMemory
+
+    monkeypatch.setattr(runs, "TEXT", tmp_path / "absent-text")
+    monkeypatch.setattr(runs, "VISION", tmp_path / "absent-vision")
+    for gib, policy in ((22.5, 4), (80, 8)):
+        monkeypatch.setattr(runs, "gpu_memory", lambda g=gib: GpuMemory("GPU", g * 1024, 0.0, g * 1024))
+        e = turbomind_config(runs.as_the_app_builds(AppConfig()), "text", awq=True)
+        assert (e.quant_policy, e.cache_max_entry_count) == (policy, AppConfig().text_kv_ratio)

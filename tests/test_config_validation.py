@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from model_loader.config import AppConfig, from_args, from_env
+from model_loader.config import SETTINGS, AppConfig, from_args, from_env
 from model_loader.errors import ConfigError
 from model_loader.weights.validation import text_model_problems, vision_model_problems
 
@@ -14,6 +14,17 @@ from model_loader.weights.validation import text_model_problems, vision_model_pr
 def test_env_then_flags_override():
     cfg, _ = from_args(["--kv-ratio", "0.3"], {"APP_KV_RATIO": "0.5", "GRADIO_SERVER_PORT": "7999", "APP_ENABLE_VISION": "false"})
     assert cfg.kv_ratio == 0.3 and cfg.port == 7999 and cfg.enable_vision is False
+
+
+def test_each_engine_has_its_kv_ratio_and_the_help_says_which():
+    cfg, _ = from_args(["--text-kv-ratio", "0.55"], {"APP_KV_RATIO": "0.3"})
+    assert (cfg.kv_ratio, cfg.text_kv_ratio) == (0.3, 0.55)
+    assert from_env({"APP_TEXT_KV_RATIO": "0.6"}).text_kv_ratio == 0.6
+    assert from_env({"APP_TEXT_KV_QUANT": "auto"}).text_kv_quant == "auto"
+    helps = {s.field: s.help for s in SETTINGS}
+    assert "LLaVA" in helps["kv_ratio"] and "text" not in helps["kv_ratio"].split("(")[0]
+    assert "text engine" in helps["text_kv_ratio"].lower() and "InternLM2" in helps["text_kv_ratio"]
+    assert "auto" in helps["text_kv_quant"]
 
 
 def test_defaults_match_openxlab():
@@ -25,6 +36,9 @@ def test_defaults_match_openxlab():
     "env",
     [
         {"APP_KV_RATIO": "1.5"},
+        {"APP_TEXT_KV_RATIO": "1.0"},
+        {"APP_TEXT_KV_RATIO": "0"},
+        {"APP_VISION_KV_QUANT": "auto"},  # auto is the text cache's rule (16 conversations of 4k)
         {"APP_HUB": "nowhere"},
         {"APP_ENABLE_TEXT": "maybe"},
         {"APP_BACKEND": "api_server"},

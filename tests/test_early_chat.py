@@ -49,6 +49,21 @@ def test_text_first_ratios_end_where_the_vision_first_plan_ends():
     assert not planner.plan_order(SPECS, A10.total_mib, A10.free_mib, 0.4).fits
 
 
+def test_text_first_ratios_with_a_ratio_per_engine():
+    """The plan gives LLaVA 0.4 and the text engine 0.7 of what is free when each is built (vision first); built
+    text-first, both caches still end the size the plan gives them."""
+    ratios_in = {"vision": 0.4, "text": 0.7}
+    plan = planner.best_plan(SPECS, A10.total_mib, A10.free_mib, ratios_in)
+    assert plan.fits and {e.kind: e.ratio for e in plan.engines} == ratios_in
+    ratios = planner.ratios_for_order(SPECS, plan, ["text", "vision"])
+    text, vision = simulate(SPECS, A10.free_mib, ratios)
+    planned = {e.kind: e for e in plan.engines}
+    assert text.kv_mib == pytest.approx(planned["text"].kv_mib) and vision.kv_mib == pytest.approx(planned["vision"].kv_mib)
+    assert 0 < ratios["text"] < 0.7 and ratios["vision"] > 0.4
+    same = planner.ratios_for_order(SPECS, planner.best_plan(SPECS, A10.total_mib, A10.free_mib, 0.4), ["text", "vision"])
+    assert ratios["text"] > same["text"]  # the text engine's larger share shows in its early ratio
+
+
 def test_no_ratios_when_the_plan_does_not_fit():
     plan = planner.plan_order([planner.LLAVA_1_5_7B, planner.INTERNLM2_1_8B_AWQ], 16 * 1024, 16 * 1024, 0.4)
     assert not plan.fits and planner.ratios_for_order(SPECS, plan, ["text", "vision"]) is None
@@ -98,7 +113,7 @@ def test_chat_answers_while_llava_is_still_downloading(full_size_text, full_size
         return Resolved(full_size_text, "cache", "me/internlm2-chat-1_8b-awq")
 
     def build(kind, path, cfg, backend="turbomind", awq=False, source=""):
-        built.append((kind, cfg.kv_ratio))
+        built.append((kind, cfg.kv_ratio_for(kind)))
         return FakeEngine(kind)
 
     monkeypatch.setattr(resolve, "resolve_vision", slow_vision)
@@ -137,7 +152,11 @@ def test_vision_first_when_it_arrives_first(full_size_text, full_size_vision, mo
 
     monkeypatch.setattr(resolve, "resolve_text", slow_text)
     monkeypatch.setattr(
-        LmdeployEngine, "build", staticmethod(lambda kind, path, cfg, **k: built.append((kind, cfg.kv_ratio)) or FakeEngine(kind))
+        LmdeployEngine,
+        "build",
+        staticmethod(
+            lambda kind, path, cfg, **k: built.append((kind, cfg.kv_ratio_for(kind), cfg.text_kv_quant)) or FakeEngine(kind)
+        ),
     )
     monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: A10)
     st = Startup(AppConfig(), {})
@@ -146,10 +165,12 @@ def test_vision_first_when_it_arrives_first(full_size_text, full_size_vision, mo
     assert "calibrating layer 3/24" in status_line(st.slots["text"])
     text_arrives.set()
     assert wait_for(lambda: st.slots["text"].ready)
-    assert built == [("vision", 0.4), ("text", 0.4)]  # the plan's own order and ratio
+    # the plan's own order and each engine's ratio; the text cache's "auto" precision as the A10 plan resolved it
+    assert built == [("vision", 0.4, "int4"), ("text", AppConfig().text_kv_ratio, "int4")]
     # each engine says how many replies its cache runs at once; past that the page says "waiting for a free slot"
     text_plan = next(e for e in st.plan.engines if e.kind == "text")
-    assert st.slots["text"].engine.info.capacity == text_plan.kv_tokens // 2048 > 1
+    info = st.slots["text"].engine.info
+    assert info.capacity == min(info.batch_size, text_plan.kv_tokens // 2048) > 1
 
 
 def test_an_old_nvidia_driver_is_named(tiny_models, monkeypatch):

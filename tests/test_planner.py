@@ -160,9 +160,40 @@ def test_system_info_gives_the_tab_tokens_and_conversations():
     text = next(e for e in st.plan.engines if e.kind == "text")
     cap = info["capacity"]["text"]
     assert cap["kv_quant"] == "int8" and cap["kv_tokens"] == text.kv_tokens == info["kv_tokens"]["text"]
+    assert cap["kv_ratio"] == st.cfg.text_kv_ratio
     assert cap["session_len"] == 8192 and cap["session_fits"]
     assert cap["conversations"] == {"1k": kv_cache.conversations_held(text, 1024), "4k": kv_cache.conversations_held(text, 4096)}
     assert info["capacity"]["vision"]["kv_quant"] == st.cfg.vision_kv_quant
+
+
+def test_system_info_shows_auto_resolved():
+    """The System tab shows the precision TurboMind gets: auto resolved, and why."""
+    from model_loader.startup import Startup
+
+    st = Startup(AppConfig(), {})
+    st.plan = a10_plan(st.cfg)
+    info = st.system_info()
+    assert info["capacity"]["text"]["kv_quant"] == "int4"
+    assert info["capacity"]["text"]["kv_quant_why"].startswith("auto -> int4 (the int8 cache would hold only ")
+    assert "auto -> int4" in info["plan_text"]
+
+
+def test_system_tab_shows_the_resolved_text_precision():
+    """What an operator reads in the System tab's engine table: the text cache's tokens and int4, not "auto"."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from model_loader.startup import Startup
+    from ui.system_tab import build_system_tab
+
+    st = Startup(AppConfig(), {})
+    st.plan = a10_plan(st.cfg)
+    with gr.Blocks():
+        tab = build_system_tab(st.slots, st.system_info, lambda k: k, [])
+    engines = tab.load_fn(SimpleNamespace(username=None))[0]
+    text_tokens = next(e for e in st.plan.engines if e.kind == "text").kv_tokens
+    assert f"{text_tokens:,} int4 (plan)" in engines and "auto" not in engines
 
 
 def test_held_out_turbomind_blocks_beside_the_a10_ballast():
@@ -176,3 +207,63 @@ def test_held_out_turbomind_blocks_beside_the_a10_ballast():
         vision, text = p.engines
         assert abs(vision.kv_blocks - vision_blocks) / vision_blocks < 0.05, (quant, vision.kv_blocks)
         assert abs(text.kv_blocks - text_blocks) / text_blocks < 0.05, (quant, text.kv_blocks)
+
+
+def test_a10_default_text_cache_holds_16_conversations_of_3500_tokens_at_int4():
+    """Issue 15's target: 16 users with ~3.4k-token conversations at once. The text engine's own ratio gives its
+    cache that room on the A10 plan (LLaVA keeps the tutorial's 0.4), and the plan still leaves the margin free."""
+    p = a10_plan()
+    vision, text = p.engines
+    assert p.fits and p.order == ("vision", "text")
+    assert text.kv_quant == "int4" and text.kv_tokens >= 56_000
+    assert kv_cache.conversations_held(text, 3500) >= 16
+    assert (vision.ratio, text.ratio) == (0.4, AppConfig().text_kv_ratio) and text.ratio > 0.4
+    assert p.spare_mib >= planner.SPARE_MIB > 0
+
+
+def test_a_ratio_that_leaves_no_room_after_the_cache_does_not_fit():
+    """TurboMind takes the engine's runtime (705 MiB for InternLM2, 330 of it before the cache is sized) partly after
+    the cache: at 0.95 the text cache leaves the card short, which the plan must say, with the ratio that fits."""
+    p = a10_plan(AppConfig(text_kv_ratio=0.95))
+    assert not p.fits and p.spare_mib < planner.SPARE_MIB
+    assert any("--text-kv-ratio 0.7 fits" in a for a in p.advice), p.advice
+    assert not any("--kv-ratio" in a for a in p.advice), p.advice
+    big_vision = a10_plan(AppConfig(kv_ratio=0.7))  # LLaVA's cache leaves InternLM2 no room
+    assert not big_vision.fits and any("--kv-ratio 0.4 fits" in a for a in big_vision.advice), big_vision.advice
+
+
+def test_auto_kv_quant_is_int4_on_the_a10_and_int8_on_80_gb():
+    """auto: int8 (lossless in lmdeploy's figures) where its cache holds 16 conversations of 4k, else int4."""
+    int8_on = {}
+    for gib in (22.5, 80):
+        cfg = AppConfig(text_kv_quant="int8")
+        specs = [planner.LLAVA_1_5_7B, planner.INTERNLM2_1_8B_AWQ]
+        int8_on[gib] = next(e for e in planner.plan_for_config(cfg, specs, gib * 1024, gib * 1024).engines if e.kind == "text")
+    held_a10 = kv_cache.conversations_held(int8_on[22.5], 4096)
+    assert held_a10 < 16 and kv_cache.conversations_held(int8_on[80], 4096) >= 16
+    assert kv_cache.resolve_text_kv_quant("auto", int8_on[22.5]) == (
+        "int4",
+        f"auto -> int4 (the int8 cache would hold only {held_a10} conversations of 4k)",
+    )
+    assert kv_cache.resolve_text_kv_quant("auto", int8_on[80])[0] == "int8"
+    assert kv_cache.resolve_text_kv_quant("int8", int8_on[22.5]) == ("int8", "")  # a set precision is kept
+    a10, big = a10_plan(), planner.plan_for_config(AppConfig(), [planner.LLAVA_1_5_7B, planner.INTERNLM2_1_8B_AWQ], 81920, 81920)
+    assert next(e for e in a10.engines if e.kind == "text").kv_quant == "int4"
+    assert next(e for e in big.engines if e.kind == "text").kv_quant == "int8"
+    assert AppConfig().text_kv_quant == "auto" and AppConfig().vision_kv_quant == "int8"
+
+
+def test_plan_says_each_engines_ratio_and_how_auto_was_resolved():
+    out = planner.format_plan(a10_plan())
+    assert f"KV ratio: vision 0.4, text {AppConfig().text_kv_ratio}" in out
+    assert "text KV auto -> int4 (the int8 cache would hold only " in out and "conversations of 4k)" in out
+    assert "text cache (int4" in out
+
+
+def test_cli_plan_on_the_a10_and_on_80_gb():
+    a10 = run_app("--plan", "--gpu-mem", "22.5")
+    assert a10.returncode == 0 and "auto -> int4" in a10.stdout and "text cache (int4" in a10.stdout, a10.stdout
+    big = run_app("--plan", "--gpu-mem", "80")
+    assert big.returncode == 0 and "auto -> int8" in big.stdout and "text cache (int8" in big.stdout, big.stdout
+    fixed = run_app("--plan", "--gpu-mem", "22.5", "--text-kv-quant", "int8", "--text-kv-ratio", "0.5")
+    assert fixed.returncode == 0 and "auto" not in fixed.stdout and "text 0.5" in fixed.stdout, fixed.stdout

@@ -17,8 +17,11 @@ NO_GPU = (
 )
 
 
-def engines_markdown(slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, int], queued: int = 0) -> str:
-    """A table of engines: state, model, backend, session length, batch, KV capacity, active users."""
+def engines_markdown(
+    slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, int], queued: int = 0, kv_quant: Mapping[str, str] | None = None
+) -> str:
+    """A table of engines: state, model, backend, session length, batch, KV capacity (and the precision the plan
+    gave it: "auto" resolved), active users."""
     rows = [
         "| tab | state | model | backend | session | batch | conversations at once | KV tokens | generating |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -28,7 +31,8 @@ def engines_markdown(slots: Mapping[str, EngineSlot], kv_tokens: Mapping[str, in
         info = s.engine.info if s.engine else None
         n = s.engine.active_sessions() if s.engine else 0
         active += n
-        kv = f"{kv_tokens[kind]:,} (plan)" if kind in kv_tokens else "–"
+        quant = (kv_quant or {}).get(kind, "")
+        kv = f"{kv_tokens[kind]:,}{' ' + quant if quant else ''} (plan)" if kind in kv_tokens else "–"
         tab = {"text": "Chat", "vision": "Image chat"}.get(kind, kind)
         rows.append(
             f"| {tab} | {STATE_ICONS.get(s.state, '')} {s.state}: {s.message} | {info.name if info else '–'} | "
@@ -114,7 +118,9 @@ def build_system_tab(
             frame["bar"] = frame["engine"] + " · " + frame["what"]
             operator = config is not None and bool(getattr(request, "username", None))
             return (
-                engines_markdown(slots, info.get("kv_tokens", {}), q),
+                engines_markdown(
+                    slots, info.get("kv_tokens", {}), q, {k: c["kv_quant"] for k, c in info.get("capacity", {}).items()}
+                ),
                 memory_markdown(info),
                 gr.update(value=frame, visible=bool(rows) and info.get("gpu") is not None),
                 plan_text(info),

@@ -10,6 +10,14 @@ from model_loader.memory.kv_cache import CACHE_BLOCK_SEQ_LEN
 QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}
 
 
+def quant_policy(cfg: AppConfig, kind: str) -> int:
+    """TurboMind's quant_policy for one engine; "auto" must have been resolved by the planner (engine_config)."""
+    quant = cfg.text_kv_quant if kind == "text" else cfg.vision_kv_quant
+    if quant not in QUANT_POLICY:
+        raise ValueError(f"KV precision {quant!r} for the {kind} engine: 'auto' is resolved by planner.engine_config.")
+    return QUANT_POLICY[quant]
+
+
 def turbomind_config(cfg: AppConfig, kind: str, awq: bool = False):
     """TurbomindEngineConfig for the text ('text') or vision ('vision') engine."""
     from lmdeploy import TurbomindEngineConfig  # noqa: PLC0415
@@ -17,12 +25,12 @@ def turbomind_config(cfg: AppConfig, kind: str, awq: bool = False):
     text = kind == "text"
     return TurbomindEngineConfig(
         model_format="awq" if awq else None,
-        cache_max_entry_count=cfg.kv_ratio,
+        cache_max_entry_count=cfg.kv_ratio_for(kind),
         session_len=cfg.text_session_len if text else cfg.vision_session_len,
         max_batch_size=cfg.text_batch_size if text else cfg.vision_batch_size,
         # prefix caching makes a growing conversation's next turn cheap; image embeddings are not cached by it
         enable_prefix_caching=cfg.prefix_caching and text,
-        quant_policy=QUANT_POLICY[cfg.text_kv_quant if text else cfg.vision_kv_quant],
+        quant_policy=quant_policy(cfg, kind),
         cache_block_seq_len=CACHE_BLOCK_SEQ_LEN,  # the planner counts the cache in blocks of this many tokens
     )
 
@@ -33,7 +41,7 @@ def pytorch_config(cfg: AppConfig, kind: str):
 
     text = kind == "text"
     return PytorchEngineConfig(
-        cache_max_entry_count=cfg.kv_ratio,
+        cache_max_entry_count=cfg.kv_ratio_for(kind),
         session_len=cfg.text_session_len if text else cfg.vision_session_len,
         max_batch_size=cfg.text_batch_size if text else cfg.vision_batch_size,
     )

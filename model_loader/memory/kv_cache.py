@@ -17,6 +17,9 @@ CACHE_BLOCK_SEQ_LEN = 64
 KV_BITS = {"none": 16, "int8": 8, "int4": 4}
 KV_PARAM_BYTES = 2 * 2  # fp16 scale + fp16 zero, per token, head and K or V
 CONVERSATION_SIZES = (1024, 4096)  # what --plan and the System tab count conversations of
+# "auto" for the text cache: int8 (lossless in lmdeploy's published figures) where it holds this many conversations of
+# this many tokens at once, else int4 (up to ~3 points lost, docs/capacity.md), which memory then forces
+AUTO_CONVERSATIONS, AUTO_CONVERSATION_TOKENS = 16, 4096
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_quant: str = "none") -> int:
@@ -37,10 +40,25 @@ def concurrency_for(engine: EnginePlan, conversation_tokens: int, batch_size: in
     return max(1, min(batch_size, conversations_held(engine, conversation_tokens)))
 
 
+def resolve_text_kv_quant(setting: str, int8_cache: EnginePlan | None) -> tuple[str, str]:
+    """The text cache's precision for `setting`, and why when it was "auto": int8 when the int8 cache (planned at the
+    text engine's ratio on this GPU) holds 16 conversations of 4k at once, else int4; int8 with no plan to go by."""
+    if setting != "auto":
+        return setting, ""
+    if int8_cache is None:
+        return "int8", "auto -> int8 (no GPU plan to size it by)"
+    held, size = conversations_held(int8_cache, AUTO_CONVERSATION_TOKENS), f"{AUTO_CONVERSATION_TOKENS // 1024}k"
+    if held >= AUTO_CONVERSATIONS:
+        return "int8", f"auto -> int8 (the int8 cache holds {held} conversations of {size})"
+    return "int4", f"auto -> int4 (the int8 cache would hold only {held} conversations of {size})"
+
+
 def capacity(e: EnginePlan) -> dict:
     """One engine's cache as plain data (for the System tab): tokens, precision and conversations held at once."""
     return {
         "kv_quant": e.kv_quant,
+        "kv_quant_why": e.kv_quant_why,
+        "kv_ratio": e.ratio,
         "kv_tokens": e.kv_tokens,
         "kv_blocks": e.kv_blocks,
         "kv_bytes_per_token": e.kv_bytes_per_token,

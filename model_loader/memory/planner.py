@@ -1,8 +1,9 @@
 """Predict each engine's GPU memory and KV-cache capacity before building anything.
 
 TurboMind loads the weights, reserves its runtime buffers, then gives the KV cache `ratio` x the memory free at
-that moment. So the order matters: the first engine's cache takes a share of a bigger free pool and can leave the
-second without room for its weights. All figures are MiB.
+that moment; each engine has its own ratio (AppConfig.kv_ratio for LLaVA, text_kv_ratio for InternLM2). So the
+order matters: the first engine's cache takes a share of a bigger free pool and can leave the second without room
+for its weights. All figures are MiB.
 
 Why the 4-bit InternLM2-1.8B is ~1.5 GB and not a quarter of its 3.6 GB fp16 size: only the transformer's linear
 layers are 4-bit (plus fp16 scales and zeros per 128 weights); the token embedding and output head (92,544 x
@@ -13,11 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_loader.memory.kv_cache import CACHE_BLOCK_SEQ_LEN, KV_BITS, capacity_line, kv_bytes_per_token
+from model_loader.memory.kv_cache import (
+    CACHE_BLOCK_SEQ_LEN,
+    KV_BITS,
+    capacity_line,
+    kv_bytes_per_token,
+    resolve_text_kv_quant,
+)
 
 if TYPE_CHECKING:
     from model_loader.config import AppConfig
@@ -36,6 +44,10 @@ TEXT_PRE_KV_MIB, TEXT_OVERHEAD_MIB = 330.0, 705.0
 # weights and that cache when the text engine is sized (the H200 run: text blocks 161 reported, 161 planned). The
 # H100 run left 129 MiB more free after both had answered (engines-h100.json): the plan errs on the safe side.
 VISION_PRE_KV_MIB, VISION_OVERHEAD_MIB = 607.0, 1366.0
+# What a plan leaves free after both engines, at least: the planner's largest miss on a held-out point was 229 MiB
+# (free memory at the end beside the A10 ballast, before the refit; 129 MiB on the safe side since), and LLaVA's
+# vision tower keeps more working memory once it has answered (74 MiB measured).
+SPARE_MIB = 256.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class EnginePlan:
     kv_blocks: int = 0
     kv_bytes_per_token: int = 0
     session_len: int = 0  # the longest conversation the engine must hold (0: not asked)
+    ratio: float = 0.0  # the share of `free_before_mib` (less weights and pre-KV memory) its KV cache takes
+    kv_quant_why: str = ""  # how "auto" was resolved, for --plan and the System tab
 
     @property
     def session_fits(self) -> bool:
@@ -95,13 +109,17 @@ class Plan:
 
     gpu_total_mib: float
     free_at_start_mib: float
-    ratio: float
     order: tuple[str, ...]
     engines: tuple[EnginePlan, ...]
     spare_mib: float
     fits: bool
     advice: tuple[str, ...] = field(default_factory=tuple)
     used_at_start_mib: float | None = None  # nvidia-smi's "used"; total - free also counts the driver's reserve
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Each engine's KV ratio."""
+        return {e.kind: e.ratio for e in self.engines}
 
     def used_after(self, i: int) -> float:
         """Predicted GPU memory in use after engine i is built (as nvidia-smi shows it)."""
@@ -210,54 +228,65 @@ def expected_spec(kind: str, ref: str) -> ModelSpec:
 
 
 def plan_engine(spec: ModelSpec, free_mib: float, ratio: float, session_len: int = 0) -> EnginePlan:
-    """Build one engine out of `free_mib`: weights and runtime first, then whole KV blocks in ratio x what is left."""
+    """Build one engine out of `free_mib`: weights and runtime first, then whole KV blocks in ratio x what is left.
+
+    It fits when its weights do, its cache holds `session_len`, and what it takes after the cache is sized (runtime
+    beyond `pre_kv_mib`) is still there: at a ratio near 1 TurboMind would run out of memory building it."""
     after_weights = free_mib - spec.weights_mib - max(spec.pre_kv_mib, spec.runtime_mib)
     budget = max(0.0, ratio * (free_mib - spec.weights_mib - spec.pre_kv_mib))
     blocks = int(budget * MIB // spec.kv_block_bytes)
+    kv_mib = blocks * spec.kv_block_bytes / MIB
+    left = free_mib - spec.weights_mib - spec.runtime_mib - kv_mib
     return EnginePlan(
         spec.name,
         spec.kind,
         free_mib,
         spec.weights_mib,
         spec.runtime_mib,
-        blocks * spec.kv_block_bytes / MIB,
+        kv_mib,
         blocks * CACHE_BLOCK_SEQ_LEN,
-        after_weights > 0 and blocks * CACHE_BLOCK_SEQ_LEN >= session_len,
+        after_weights > 0 and left >= 0 and blocks * CACHE_BLOCK_SEQ_LEN >= session_len,
         spec.kv_quant,
         blocks,
         spec.kv_bytes_per_token,
         session_len,
+        ratio,
     )
+
+
+def ratio_of(ratios: Mapping[str, float] | float, kind: str) -> float:
+    """One engine's KV ratio: from a mapping by kind, or the same float for every engine."""
+    return ratios if isinstance(ratios, int | float) else ratios[kind]
 
 
 def plan_order(
     specs: list[ModelSpec],
     gpu_total_mib: float,
     free_mib: float,
-    ratio: float,
+    ratios: Mapping[str, float] | float,
     min_kv_tokens: dict[str, int] | None = None,
     used_mib: float | None = None,
 ) -> Plan:
-    """Plan engines built in the given order on a card with `free_mib` free."""
+    """Plan engines built in the given order on a card with `free_mib` free, each with its KV ratio (by kind, or one
+    for all); it fits when every engine does and SPARE_MIB stay free."""
     min_kv_tokens = min_kv_tokens or {}
     free = free_mib - CUDA_CONTEXT_MIB
     engines = []
     ok = free > 0
     for s in specs:
-        e = plan_engine(s, free, ratio, min_kv_tokens.get(s.kind, 0))
+        e = plan_engine(s, free, ratio_of(ratios, s.kind), min_kv_tokens.get(s.kind, 0))
         engines.append(e)
         ok = ok and e.fits
         free -= e.total_mib
-    return Plan(
-        gpu_total_mib, free_mib, ratio, tuple(s.kind for s in specs), tuple(engines), free, ok, used_at_start_mib=used_mib
-    )
+    ok = ok and free >= SPARE_MIB
+    return Plan(gpu_total_mib, free_mib, tuple(s.kind for s in specs), tuple(engines), free, ok, used_at_start_mib=used_mib)
 
 
 def best_plan(
     specs: list[ModelSpec],
     gpu_total_mib: float,
     free_mib: float,
-    ratio: float,
+    ratios: Mapping[str, float] | float,
     load_order: str = "auto",
     min_kv_tokens: dict[str, int] | None = None,
     used_mib: float | None = None,
@@ -271,22 +300,12 @@ def best_plan(
     else:
         # the larger model first: its weights need the room that the other's KV cache would take
         orders = [sorted(specs, key=lambda s: -s.weights_mib), sorted(specs, key=lambda s: s.weights_mib)]
-    plans = [plan_order(o, gpu_total_mib, free_mib, ratio, min_kv_tokens, used_mib) for o in orders]
+    plans = [plan_order(o, gpu_total_mib, free_mib, ratios, min_kv_tokens, used_mib) for o in orders]
     good = [p for p in plans if p.fits]
     if good:
         return good[0]
-    p = plans[0]
-    return Plan(
-        p.gpu_total_mib,
-        p.free_at_start_mib,
-        p.ratio,
-        p.order,
-        p.engines,
-        p.spare_mib,
-        False,
-        tuple(advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens)),
-        used_mib,
-    )
+    ways = advice(specs, by_kind, gpu_total_mib, free_mib, ratios, min_kv_tokens)
+    return dataclasses.replace(plans[0], fits=False, advice=tuple(ways))
 
 
 def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> dict[str, float] | None:
@@ -295,7 +314,7 @@ def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> di
     TurboMind sizes an engine's KV cache as ratio x what is free when it is built, so an engine built earlier than
     planned must ask for a smaller ratio, and the next one then for what the plan gave it out of what is left. Lets
     the text engine come up first (its download is small) while LLaVA still downloads, ending as the plan ends.
-    None when some engine would need a ratio outside (0, 1).
+    None when some engine would need a ratio outside (0, 1). Each engine keeps the share the plan gave it.
     """
     planned = {e.kind: e for e in plan.engines}
     by_kind = {s.kind: s for s in specs}
@@ -304,7 +323,7 @@ def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> di
     for kind in order:
         e, s = planned[kind], by_kind[kind]
         room = free - s.weights_mib - s.pre_kv_mib
-        budget = plan.ratio * (e.free_before_mib - s.weights_mib - s.pre_kv_mib)  # before TurboMind's whole blocks
+        budget = e.ratio * (e.free_before_mib - s.weights_mib - s.pre_kv_mib)  # before TurboMind's whole blocks
         if free - s.weights_mib - max(s.pre_kv_mib, s.runtime_mib) <= 0 or room <= 0 or not 0 < budget / room < 1:
             return None
         ratios[kind] = budget / room
@@ -312,18 +331,25 @@ def ratios_for_order(specs: list[ModelSpec], plan: Plan, order: list[str]) -> di
     return ratios
 
 
-def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> list[str]:
+RATIO_TRIALS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+ENGINE_NAMES = {"text": "text engine's", "vision": "image engine's"}
+
+
+def advice(specs, by_kind, gpu_total_mib, free_mib, ratios, min_kv_tokens) -> list[str]:
     """The ways out when the engines do not fit, each checked with the planner itself."""
     need = dict(min_kv_tokens or {})
+    ratios = {s.kind: ratio_of(ratios, s.kind) for s in specs}
 
-    def fits(candidates=specs, r=ratio, sessions=need) -> Plan:
+    def fits(candidates=specs, r=ratios, sessions=need) -> Plan:
         return plan_order(sorted(candidates, key=lambda s: -s.weights_mib), gpu_total_mib, free_mib, r, sessions)
 
     out = []
-    for r in sorted({0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05} - {ratio}, key=lambda r: abs(r - ratio)):
-        if fits(r=r).fits:
-            out.append(f"{'lower' if r < ratio else 'raise'} the KV-cache ratio: --kv-ratio {r} fits")
-            break
+    for kind, now in ratios.items():  # one engine's ratio changed, the other's kept: the flag that changes it
+        for r in sorted(set(RATIO_TRIALS) - {now}, key=lambda r: abs(r - now)):
+            if fits(r={**ratios, kind: r}).fits:
+                field_name = "kv_ratio" if kind == "vision" else "text_kv_ratio"
+                out.append(f"{'lower' if r < now else 'raise'} the {ENGINE_NAMES[kind]} KV ratio: {flag(field_name)} {r} fits")
+                break
     short = [e for e in fits().engines if not e.session_fits and e.kind in by_kind]
     if short:
         out.extend(session_advice(specs, short, fits, need))
@@ -332,7 +358,7 @@ def advice(specs, by_kind, gpu_total_mib, free_mib, ratio, min_kv_tokens) -> lis
         if fits(alt).fits:
             out.append("use a 4-bit AWQ LLaVA (--vision-model pointing at an AWQ llava-hf checkpoint)")
     for kind, other in (("text", "vision"), ("vision", "text")):
-        if kind in by_kind and plan_order([by_kind[kind]], gpu_total_mib, free_mib, ratio, need).fits:
+        if kind in by_kind and plan_order([by_kind[kind]], gpu_total_mib, free_mib, ratios, need).fits:
             out.append(f"serve the {kind} model only ({flag('enable_' + other, negate=True)})")
     if not out:
         out.append("use a GPU with more free memory, or --backend api_server with lmdeploy serving elsewhere")
@@ -370,18 +396,42 @@ def flag(field: str, negate: bool = False) -> str:
 def plan_for_config(
     cfg: AppConfig, specs: list[ModelSpec], gpu_total_mib: float, free_mib: float, used_mib: float | None = None
 ) -> Plan:
-    """The plan for these settings: each engine's KV precision, and a cache that holds its session length."""
-    quant = {"text": cfg.text_kv_quant, "vision": cfg.vision_kv_quant}
+    """The plan for these settings: each engine's KV ratio and precision ("auto" resolved on this plan), and a cache
+    that holds its session length."""
+    ratios = {kind: cfg.kv_ratio_for(kind) for kind in ("text", "vision")}
     sessions = {"text": cfg.text_session_len, "vision": cfg.vision_session_len}
-    specs = [dataclasses.replace(s, kv_quant=quant[s.kind]) for s in specs]
-    return best_plan(specs, gpu_total_mib, free_mib, cfg.kv_ratio, cfg.load_order, sessions, used_mib)
+
+    def plan(text_quant: str) -> Plan:
+        quant = {"text": text_quant, "vision": cfg.vision_kv_quant}
+        with_quant = [dataclasses.replace(s, kv_quant=quant[s.kind]) for s in specs]
+        return best_plan(with_quant, gpu_total_mib, free_mib, ratios, cfg.load_order, sessions, used_mib)
+
+    if cfg.text_kv_quant != "auto" or not any(s.kind == "text" for s in specs):
+        return plan(cfg.text_kv_quant)
+    int8 = next(e for e in plan("int8").engines if e.kind == "text")
+    quant, why = resolve_text_kv_quant("auto", int8)
+    p = plan(quant)
+    engines = tuple(dataclasses.replace(e, kv_quant_why=why) if e.kind == "text" else e for e in p.engines)
+    return dataclasses.replace(p, engines=engines)
+
+
+def engine_config(cfg: AppConfig, plan: Plan | None, ratios: Mapping[str, float] | None = None) -> AppConfig:
+    """The settings the engines are built with: the text KV precision as the plan resolved it ("auto" -> int8 or
+    int4; int8 with no plan), and `ratios` for engines built out of the plan's order."""
+    text = next((e for e in plan.engines if e.kind == "text"), None) if plan else None
+    quant = text.kv_quant if text else resolve_text_kv_quant(cfg.text_kv_quant, None)[0]
+    out = dataclasses.replace(cfg, text_kv_quant=quant)
+    for kind, r in (ratios or {}).items():
+        out = out.with_kv_ratio(kind, r)
+    return out
 
 
 def format_plan(p: Plan) -> str:
     """The plan as a text table for --plan, --check and the logs."""
+    ratios = ", ".join(f"{e.kind} {e.ratio:g}" for e in p.engines)
     lines = [
         f"GPU: {p.gpu_total_mib / 1024:.1f} GiB total, {p.free_at_start_mib / 1024:.1f} GiB free; "
-        f"KV ratio {p.ratio}; load order: {' then '.join(p.order)}",
+        f"KV ratio: {ratios}; load order: {' then '.join(p.order)}",
         f"{'engine':<34}{'free before':>12}{'weights':>10}{'runtime':>10}{'KV cache':>10}{'KV tokens':>11}{'in use after':>14}",
     ]
     for i, e in enumerate(p.engines):
@@ -389,7 +439,10 @@ def format_plan(p: Plan) -> str:
             f"{e.name:<34}{e.free_before_mib:>10.0f}M{e.weights_mib:>9.0f}M{e.runtime_mib:>9.0f}M{e.kv_mib:>9.0f}M"
             f"{e.kv_tokens:>11,}{p.used_after(i):>13.0f}M" + ("" if e.fits else "  DOES NOT FIT")
         )
-    lines.append(f"spare after both: {p.spare_mib:.0f} MiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
+    lines.append(
+        f"spare after both: {p.spare_mib:.0f} MiB (at least {SPARE_MIB:.0f} kept) -> {'fits' if p.fits else 'DOES NOT FIT'}"
+    )
+    lines.extend(f"{e.kind} KV {e.kv_quant_why}" for e in p.engines if e.kv_quant_why)
     lines.extend(capacity_line(e) for e in p.engines)
     for a in p.advice:
         lines.append(f"  way out: {a}")
