@@ -45,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--api-server", action="store_true", help="also measure `lmdeploy serve api_server`")
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
+    ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
+    ap.add_argument("--history-turns", type=int, default=0, help="also: --case-users users with this many earlier turns")
+    ap.add_argument("--case-users", type=int, default=16, help="users for the idle-page and long-history cases")
     ap.add_argument(
         "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
     )
@@ -105,7 +108,37 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
+        for name, kw in cases(a).items():
+            turns, wall, loads = asyncio.run(users_on_pages(URL, a.case_users, a.turns, a.new_tokens, **kw))
+            s = summarize(turns, wall)
+            s["client_minus_engine_ms"] = client_minus_engine(turns)
+            s["idle_ticks"] = loads.get("idle_ticks", 0)
+            runs.setdefault(name, []).append(s)
+            print("APP", name, json.dumps(s), flush=True)
     return runs
+
+
+def cases(a: argparse.Namespace) -> dict[str, dict]:
+    """The extra cases at --case-users users: idle pages open beside them, and long conversations."""
+    from bench.pages import text_history  # noqa: PLC0415
+    from bench.workload import earlier_turns  # noqa: PLC0415
+
+    out: dict[str, dict] = {}
+    if a.idle_pages:
+        out[f"{a.case_users} + {a.idle_pages} idle pages"] = {"idle_pages": a.idle_pages}
+    if a.history_turns:
+        histories = [text_history(earlier_turns(u, a.history_turns)) for u in range(a.case_users)]
+        out[long_case(a)] = {"histories": histories}
+    return out
+
+
+def long_case(a: argparse.Namespace) -> str:
+    return f"{a.case_users}, {a.history_turns + a.turns}-turn conversations"
+
+
+def raw_key(name: str) -> str:
+    """The raw run an app row compares with: idle pages change nothing on the raw side."""
+    return name.split(" + ")[0]
 
 
 async def phases() -> dict:
@@ -166,6 +199,8 @@ def raw_reference(a: argparse.Namespace) -> dict:
     """bench/raw_reference.py in a fresh process (the app is gone by then: the GPU is the raw engine's alone)."""
     cmd = [sys.executable, "-m", "bench.raw_reference", "--runs", str(a.runs), "--users", a.users]
     cmd += ["--turns", str(a.turns), "--new-tokens", str(a.new_tokens)]
+    if a.history_turns:
+        cmd += ["--history-turns", str(a.history_turns), "--history-users", str(a.case_users), "--history-name", long_case(a)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     for line in p.stdout.splitlines():
         if line.startswith("RAW "):
@@ -250,7 +285,7 @@ def write_report(results: dict) -> str:
         "|---|---|---|---|---|---|---|" + ("---|" if api else ""),
     ]
     for n in app:
-        r, x = raw.get(n, {}).get("tok_s", {}), app[n]["tok_s"]
+        r, x = raw.get(raw_key(n), {}).get("tok_s", {}), app[n]["tok_s"]
         ratio = f"{x['median'] / r['median']:.2f}" if r.get("median") and x.get("median") else ""
         row = (
             f"| {n} | {fmt(r)} | {fmt(x)} | {ratio} | {fmt(app[n]['first_ms'])} | "
@@ -276,7 +311,7 @@ def write_report(results: dict) -> str:
     try:
         from bench.chart import draw_app  # noqa: PLC0415
 
-        draw_app(app, raw, api, results["gpu"], OUT / "bench.png")
+        draw_app(app, {n: raw.get(raw_key(n), {}) for n in app}, api, results["gpu"], OUT / "bench.png")
     except Exception as e:  # noqa: BLE001 - the table still stands
         results["chart_error"] = repr(e)
     return table

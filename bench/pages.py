@@ -36,25 +36,45 @@ def input_defaults(config: dict, dep: dict) -> list:
     return [values.get(i) for i in dep.get("inputs") or []]
 
 
+def timers(config: dict) -> dict[int, dict]:
+    """The page's timers by component id: their interval and whether they start active."""
+    return {
+        c["id"]: {"every": (c.get("props") or {}).get("value") or 1.0, "active": (c.get("props") or {}).get("active", True)}
+        for c in config["components"]
+        if c.get("type") == "timer"
+    }
+
+
 class Page:
     """One browser tab: a session hash made at page load, the page's load events, then turns on that session.
 
     A browser runs `queue=False` events as POST /run/predict and queued ones through /queue/join and the session's
-    SSE stream; a turn is the submit event, the queued reply, and the `.then` that saves the history."""
+    SSE stream. A turn is what Enter runs in the page: the `send` event (the lock before it runs in the page only),
+    plus anything chained after it. Timers tick while active, and stop when an event's output turns them off."""
 
     def __init__(self, http: httpx.AsyncClient, url: str, config: dict) -> None:
         self.http, self.url, self.config = http, url, config
         self.session = uuid.uuid4().hex[:11]
-        self.add = fn_index(config, "add_message")
-        self.chat = fn_index(config, "chat")
-        self.after_chat = [d["id"] for d in then_steps(config, self.chat)]
+        self.send = fn_index(config, "send")
+        self.send_dep = next(d for d in config["dependencies"] if d["id"] == self.send)
+        self.after_send = [d for d in then_steps(config, self.send) if not d.get("trigger_only_on_failure")]
+        self.timers = timers(config)
         self.ticks = deps_where(config, "tick")
+
+    def _follow_timers(self, dep: dict, outputs: list) -> None:
+        """Timers an event's outputs turned on or off (gr.Timer(active=...)), as the page applies them."""
+        for comp, value in zip(dep.get("outputs") or [], outputs or []):
+            if comp in self.timers and isinstance(value, dict) and "active" in value:
+                self.timers[comp]["active"] = bool(value["active"])
 
     async def predict(self, index: int, data: list) -> list:
         body = {"data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": None}
         r = await post_once_more(self.http, self.url + "gradio_api/run/predict", body)
         r.raise_for_status()
-        return r.json()["data"]
+        out = r.json()["data"]
+        dep = next((d for d in self.config["dependencies"] if d["id"] == index), {})
+        self._follow_timers(dep, out)
+        return out
 
     async def load(self) -> float:
         """The page's load events, as a browser runs them on opening the page; returns their wall time (s)."""
@@ -65,27 +85,33 @@ class Page:
     async def turn(self, history: list, text: str, max_new: int = 256) -> dict:
         """Type a message and press Enter: first text is timed from the submit, as the user waits for it."""
         t0 = time.perf_counter()
-        _, history = await self.predict(self.add, [text, history])
-        call = await stream_call(self.http, self.url, self.chat, [history, "", 0.0, 0.8, 40, max_new, 1.0, 0], self.session)
-        for idx in self.after_chat:
-            await self.predict(idx, [(call["outputs"] or [history])[0]])
-        res = chat_result(call)
+        data = [text, history, "", 0.0, 0.8, 40, max_new, 1.0, 0]
+        call = await stream_call(self.http, self.url, self.send, data, self.session, chat_output=1)
+        outputs = call["outputs"] or [None, history]
+        self._follow_timers(self.send_dep, outputs)
+        for dep in self.after_send:
+            await self.predict(dep["id"], input_defaults(self.config, dep))
+        res = chat_result(call, stats_output=2)
         first = call["first"] or call["end"]
         res["first_ms"] = round(1000 * (first - t0), 1) if call["first"] else None
         res["bytes"] = call["bytes"]
-        res["history"] = (call["outputs"] or [history])[0]
+        res["history"] = outputs[1]
         return res
 
-    async def poll(self, stop: asyncio.Event, every_s: float = 1.0) -> int:
+    async def poll(self, stop: asyncio.Event) -> int:
         """The page's timers, as an open tab runs them, until `stop`; returns how many ticks were sent."""
-        n = 0
+        n, step = 0, 0.25
+        due = {t: 0.0 for t in self.timers}
         while not stop.is_set():
+            now = time.perf_counter()
             for d in self.ticks:
-                if (d.get("every") or every_s) <= every_s:
+                t = (d.get("targets") or [[None]])[0][0]
+                if self.timers.get(t, {}).get("active") and now >= due.get(t, 0.0):
+                    due[t] = now + self.timers[t]["every"]
                     await self.predict(d["id"], input_defaults(self.config, d))
                     n += 1
             try:
-                await asyncio.wait_for(stop.wait(), every_s)
+                await asyncio.wait_for(stop.wait(), step)
             except asyncio.TimeoutError:
                 pass
         return n
@@ -97,16 +123,27 @@ def text_history(messages: list[dict]) -> list[dict]:
 
 
 async def users_on_pages(
-    url: str, users: int, turns: int, max_new: int, histories: list[list] | None = None, new_visitors: bool = False
+    url: str,
+    users: int,
+    turns: int,
+    max_new: int,
+    histories: list[list] | None = None,
+    new_visitors: bool = False,
+    idle_pages: int = 0,
 ) -> tuple[list[dict], float, dict]:
     """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
-    at once; returns every turn's result, the wall time, and page-load timings."""
-    async with httpx.AsyncClient(timeout=600, limits=client_limits(users)) as http:
+    at once, while `idle_pages` more pages stay open and run their timers as a browser does; returns every turn's
+    result, the wall time, and page-load timings (and the idle pages' ticks)."""
+    async with httpx.AsyncClient(timeout=600, limits=client_limits(users + idle_pages)) as http:
         config = (await http.get(url + "config")).json()
         pages = [Page(http, url, config) for _ in range(users)]
         loads: list[float] = []
         if not new_visitors:
             loads = list(await asyncio.gather(*[p.load() for p in pages]))
+        idle = [Page(http, url, config) for _ in range(idle_pages)]
+        await asyncio.gather(*[p.load() for p in idle])
+        stop_idle = asyncio.Event()
+        polling = [asyncio.ensure_future(p.poll(stop_idle)) for p in idle]
 
         async def one(i: int, page: Page) -> list[dict]:
             out = []
@@ -124,8 +161,10 @@ async def users_on_pages(
         t0 = time.perf_counter()
         per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
         wall = time.perf_counter() - t0
+        stop_idle.set()
+        ticks = sum(await asyncio.gather(*polling))
     loads_ms = sorted(round(1000 * x, 1) for x in loads)
-    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms}
+    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms, "idle_ticks": ticks}
 
 
 async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:

@@ -97,9 +97,10 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list,
     return {"t0": t0, "first": first, "end": end, "updates": updates, "bytes": nbytes, "outputs": outputs, "error": error}
 
 
-def chat_result(call: dict) -> dict:
-    """Client-side TTFT and decode rate, plus the tokens the app's stats line reports."""
-    stats_line = (call["outputs"] or [None, ""])[1] or ""
+def chat_result(call: dict, stats_output: int = 1) -> dict:
+    """Client-side TTFT and decode rate, plus the tokens the app's stats line reports (output `stats_output`)."""
+    outputs = call["outputs"] or []
+    stats_line = (outputs[stats_output] if len(outputs) > stats_output else "") or ""
     m = STATS.search(stats_line)
     tokens = int(m.group(1)) if m else 0
     first = call["first"] or call["end"]

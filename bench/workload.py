@@ -40,6 +40,18 @@ def history_of(user: int, tokens: int, count_tokens: Callable[[list[dict]], int]
     return history
 
 
+def earlier_turns(user: int, turns: int, words_per_message: int = 115) -> list[dict]:
+    """`turns` earlier question/answer pairs of the user's own (about 150 tokens a message): bench_app's long
+    conversations, the same text for the app and the raw engine."""
+    words = FILLER.split()
+    body = " ".join(words[i % len(words)] for i in range(words_per_message))
+    out = []
+    for t in range(turns):
+        out.append({"role": "user", "content": f"[user {user}, turn {t}] " + body})
+        out.append({"role": "assistant", "content": f"[answer to user {user}, turn {t}] " + body})
+    return out
+
+
 def question(user: int, turn: int) -> dict:
     """The message a bench user sends on a turn (the same text through the app, the seam and the raw engine)."""
     return {"role": "user", "content": f"User {user}, turn {turn}: tell me more about the city, in detail."}

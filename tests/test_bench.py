@@ -65,6 +65,27 @@ def test_a_browser_turn_runs_on_its_page_session(launched):
     assert second_turn and second_turn[0][-2]["role"] == "assistant"
 
 
+def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched):
+    """An open page runs its timers only while there is news (engines starting) or the System tab is shown:
+    100 idle pages must not take throughput from the people chatting (issue 14)."""
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    turns, wall, loads = asyncio.run(users_on_pages(url, 1, 12, 64, idle_pages=5))
+    assert wall > 1.5 and not any(t["error"] for t in turns)  # long enough for a 1 s timer to tick
+    assert loads["idle_ticks"] == 0
+
+
+def test_long_conversations_are_the_same_for_the_app_and_the_raw_engine():
+    """The 20-turn case: every user's earlier turns, the same text on both sides of the comparison."""
+    from bench.workload import earlier_turns
+
+    a, b = earlier_turns(3, 19), earlier_turns(3, 19)
+    assert a == b and len(a) == 38 and a[0]["role"] == "user" and a[-1]["role"] == "assistant"
+    assert earlier_turns(4, 19) != a  # users share no prefix
+    assert 5000 < sum(len(m["content"].split()) for m in a) * 4 / 3 < 8000  # ~6k tokens of history
+
+
 def test_users_through_the_seam_hold_their_conversations():
     """The seam driver the GPU benches use, on the fake engine: every turn answered, history carried over."""
     from bench.workload import seam_users
