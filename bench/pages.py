@@ -57,7 +57,8 @@ class Page:
         self.session = uuid.uuid4().hex[:11]
         self.send = fn_index(config, "send")
         self.send_dep = next(d for d in config["dependencies"] if d["id"] == self.send)
-        self.after_send = [d for d in then_steps(config, self.send) if not d.get("trigger_only_on_failure")]
+        steps = then_steps(config, self.send)  # a page runs js-only steps itself, with no request
+        self.after_send = [d for d in steps if d.get("backend_fn") and not d.get("trigger_only_on_failure")]
         self.timers = timers(config)
         self.ticks = deps_where(config, "tick")
 

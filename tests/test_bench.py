@@ -199,3 +199,22 @@ def test_raw_references_build_the_app_s_text_engine_config(monkeypatch, tmp_path
         monkeypatch.setattr(runs, "gpu_memory", lambda g=gib: GpuMemory("GPU", g * 1024, 0.0, g * 1024))
         e = turbomind_config(runs.as_the_app_builds(AppConfig()), "text", awq=True)
         assert (e.quant_policy, e.cache_max_entry_count) == (policy, AppConfig().text_kv_ratio)
+
+
+def test_a_streamed_update_rebuilds_at_most_two_components(launched, monkeypatch):
+    """Gradio 6 rebuilds a component for every gr.skip()/gr.update() output of every streamed update (~0.5 ms each,
+    on the interpreter the engine shares): at 32 users that cost more than the chat itself (issue 14). A turn keeps
+    two outputs aside while it streams: the message box and the conversation saved in the browser."""
+    import gradio.blocks
+
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    text.reply_for = lambda messages: " ".join(["word"] * 120)
+    text.delay_s = 0.01
+    rebuilt = []
+    real = gradio.blocks.postprocess_update_dict
+    monkeypatch.setattr(gradio.blocks, "postprocess_update_dict", lambda **kw: rebuilt.append(1) or real(**kw))
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 1, 256))
+    assert turns[0]["updates"] >= 10 and not turns[0]["error"]
+    assert len(rebuilt) <= 2 * turns[0]["updates"] + 2, (len(rebuilt), turns[0]["updates"])

@@ -256,8 +256,11 @@ def build_chat_tab(
         running = []
 
         lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
+        unlock_in_page = streaming.interactive_js(True, False, True)
 
-        KEEP = (gr.skip(),) * 4  # saved and the three buttons stay as they are while a reply streams
+        # Gradio 6 rebuilds a component for every gr.skip()/gr.update() in every streamed update (~0.5 ms each), so
+        # a turn streams into four outputs only, and the buttons are given back in the page when it ends
+        KEEP = (gr.skip(),)  # the saved conversation stays as it is while a reply streams
 
         async def reply_then_save(history, system_prompt, sampling, request):
             """The rest of every turn once its check passed: stream, then save and give the controls back."""
@@ -265,7 +268,7 @@ def build_chat_tab(
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
                 yield (gr.skip(), current, line, *KEEP)
             kept, shown_line = save(current, line)
-            yield (gr.skip(), current, shown_line, kept, *unlock())
+            yield (gr.skip(), current, shown_line, kept)
 
         async def send_turn(
             message, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
@@ -309,21 +312,22 @@ def build_chat_tab(
                 yield update
 
         def turn(triggers, fn, inputs, api_name):
-            """One server event per turn: the page locks its controls at once, and the event's last update (or
-            the failure handler, or Stop) gives them back."""
+            """One server event per turn: the page locks its controls at once and gives them back when the event
+            ends, however it ends, without asking the server."""
             gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
             ev = gr.on(
                 triggers,
-                streaming.refusals_as_toasts(fn, lambda: (*KEEP, *unlock())),
+                streaming.refusals_as_toasts(fn, lambda: (gr.skip(),) * 4),
                 inputs,
-                [msg, chatbot, stats, saved, *buttons],
+                [msg, chatbot, stats, saved],
                 api_name=api_name,
                 concurrency_limit=concurrency,
                 concurrency_id=TAB,
                 show_progress="minimal",
                 show_progress_on=chatbot,  # its own Retry/Edit/Undo are off while it streams; the box stays usable
             )
-            ev.failure(unlock, None, buttons, api_name=False, queue=False)
+            ev.then(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # no server request
+            ev.failure(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # .then skips failures
             running.append(ev)
 
         turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings], "send")
