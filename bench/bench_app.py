@@ -46,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
     ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
-    ap.add_argument("--history-turns", type=int, default=0, help="also: --case-users users with this many earlier turns")
+    ap.add_argument("--history-tokens", type=int, default=0, help="also: --case-users users with conversations this long")
     ap.add_argument("--case-users", type=int, default=16, help="users for the idle-page and long-history cases")
     ap.add_argument(
         "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
@@ -121,19 +121,20 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
 def cases(a: argparse.Namespace) -> dict[str, dict]:
     """The extra cases at --case-users users: idle pages open beside them, and long conversations."""
     from bench.pages import text_history  # noqa: PLC0415
-    from bench.workload import earlier_turns  # noqa: PLC0415
+    from bench.workload import history_of, token_counter  # noqa: PLC0415
 
     out: dict[str, dict] = {}
     if a.idle_pages:
         out[f"{a.case_users} + {a.idle_pages} idle pages"] = {"idle_pages": a.idle_pages}
-    if a.history_turns:
-        histories = [text_history(earlier_turns(u, a.history_turns)) for u in range(a.case_users)]
+    if a.history_tokens:
+        count = token_counter(str(TEXT))
+        histories = [text_history(history_of(u, a.history_tokens, count)) for u in range(a.case_users)]
         out[long_case(a)] = {"histories": histories}
     return out
 
 
 def long_case(a: argparse.Namespace) -> str:
-    return f"{a.case_users}, {a.history_turns + a.turns}-turn conversations"
+    return f"{a.case_users}, {a.history_tokens:,}-token conversations"
 
 
 def raw_key(name: str) -> str:
@@ -199,8 +200,8 @@ def raw_reference(a: argparse.Namespace) -> dict:
     """bench/raw_reference.py in a fresh process (the app is gone by then: the GPU is the raw engine's alone)."""
     cmd = [sys.executable, "-m", "bench.raw_reference", "--runs", str(a.runs), "--users", a.users]
     cmd += ["--turns", str(a.turns), "--new-tokens", str(a.new_tokens)]
-    if a.history_turns:
-        cmd += ["--history-turns", str(a.history_turns), "--history-users", str(a.case_users), "--history-name", long_case(a)]
+    if a.history_tokens:
+        cmd += ["--history-tokens", str(a.history_tokens), "--history-users", str(a.case_users), "--history-name", long_case(a)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     for line in p.stdout.splitlines():
         if line.startswith("RAW "):

@@ -15,14 +15,14 @@ import json
 import time
 
 from bench.runs import TEXT, as_the_app_builds
-from bench.workload import earlier_turns, question, summarize
+from bench.workload import history_of, question, summarize, token_counter
 
 _sessions = itertools.count(1)
 
 
-async def raw_user(pipe, gen, user: int, turns: int, history_turns: int = 0) -> list[dict]:
+async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0) -> list[dict]:
     """One user's turns straight on lmdeploy's loop: the whole conversation each turn, as the app sends it."""
-    history, out = earlier_turns(user, history_turns) if history_turns else [], []
+    history, out = history_of(user, history_tokens, token_counter(str(TEXT))), []
     for t in range(turns):
         history = history + [question(user, t)]
         t0 = time.perf_counter()
@@ -52,12 +52,12 @@ async def raw_user(pipe, gen, user: int, turns: int, history_turns: int = 0) -> 
     return out
 
 
-def measure(pipe, gen, users: int, turns: int, history_turns: int = 0) -> dict:
+def measure(pipe, gen, users: int, turns: int, history_tokens: int = 0) -> dict:
     """`users` concurrent streams in lmdeploy's own loop; the same summary as the app's users get."""
 
     async def everyone():
         t0 = time.perf_counter()
-        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, history_turns) for u in range(users)])
+        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, history_tokens) for u in range(users)])
         return [t for ts in per_user for t in ts], time.perf_counter() - t0
 
     turns_out, wall = asyncio.run_coroutine_threadsafe(everyone(), pipe.internal_thread.loop).result(600)
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--users", default="1,8,16,32")
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--history-turns", type=int, default=0, help="also: --history-users users with earlier turns")
+    ap.add_argument("--history-tokens", type=int, default=0, help="also: --history-users users with long conversations")
     ap.add_argument("--history-users", type=int, default=16)
     ap.add_argument("--history-name", default="long")
     a = ap.parse_args()
@@ -90,8 +90,8 @@ def main() -> None:
     for _ in range(a.runs):
         for n in users:  # interleaved, so drift over the run touches every user count alike
             runs[str(n)].append(measure(pipe, gen, n, a.turns))
-        if a.history_turns:
-            runs.setdefault(a.history_name, []).append(measure(pipe, gen, a.history_users, a.turns, a.history_turns))
+        if a.history_tokens:
+            runs.setdefault(a.history_name, []).append(measure(pipe, gen, a.history_users, a.turns, a.history_tokens))
     config = {
         k: getattr(engine_cfg, k)
         for k in ("cache_max_entry_count", "enable_prefix_caching", "max_batch_size", "quant_policy", "session_len")

@@ -5,6 +5,7 @@ median and p90, errors) with its spread over runs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import re
 import statistics
@@ -40,16 +41,14 @@ def history_of(user: int, tokens: int, count_tokens: Callable[[list[dict]], int]
     return history
 
 
-def earlier_turns(user: int, turns: int, words_per_message: int = 115) -> list[dict]:
-    """`turns` earlier question/answer pairs of the user's own (about 150 tokens a message): bench_app's long
-    conversations, the same text for the app and the raw engine."""
-    words = FILLER.split()
-    body = " ".join(words[i % len(words)] for i in range(words_per_message))
-    out = []
-    for t in range(turns):
-        out.append({"role": "user", "content": f"[user {user}, turn {t}] " + body})
-        out.append({"role": "assistant", "content": f"[answer to user {user}, turn {t}] " + body})
-    return out
+@functools.lru_cache(maxsize=4)
+def token_counter(model_path: str) -> Callable[[list[dict]], int]:
+    """Tokens of a conversation as the model's own tokenizer counts them (plus a few per message for the template):
+    what history_of needs to build the same long conversations for the app and the raw engine."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+    return lambda messages: sum(len(tok.encode(m["content"], add_special_tokens=False)) + 8 for m in messages)
 
 
 def question(user: int, turn: int) -> dict:

@@ -76,14 +76,15 @@ def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched)
     assert loads["idle_ticks"] == 0
 
 
-def test_long_conversations_are_the_same_for_the_app_and_the_raw_engine():
-    """The 20-turn case: every user's earlier turns, the same text on both sides of the comparison."""
-    from bench.workload import earlier_turns
+def test_long_conversations_are_the_same_for_the_app_and_the_raw_engine(tiny_models):
+    """The long-conversation case: the model's own tokenizer sizes every user's history, the same text on both
+    sides of the comparison, and no two users share a prefix."""
+    from bench.workload import history_of, token_counter
 
-    a, b = earlier_turns(3, 19), earlier_turns(3, 19)
-    assert a == b and len(a) == 38 and a[0]["role"] == "user" and a[-1]["role"] == "assistant"
-    assert earlier_turns(4, 19) != a  # users share no prefix
-    assert 5000 < sum(len(m["content"].split()) for m in a) * 4 / 3 < 8000  # ~6k tokens of history
+    count = token_counter(str(tiny_models["awq"]))
+    a, b = history_of(3, 6000, count), history_of(3, 6000, count)
+    assert a == b and 6000 <= count(a) < 7000 and a[-1]["role"] == "assistant"
+    assert history_of(4, 6000, count)[0] != a[0]
 
 
 def test_users_through_the_seam_hold_their_conversations():
