@@ -19,6 +19,11 @@ from gradio_client.utils import apply_diff
 STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
 
 
+def image_settings(max_new: int) -> list:
+    """/image_chat's settings after the image and the history: temperature, max new, top-p, top-k, penalty, seed."""
+    return [0.0, max_new, 0.8, 40, 1.0, 0]
+
+
 def client_limits(users: int) -> httpx.Limits:
     """Enough connections for every user's stream and posts; idle ones are dropped before uvicorn's 5 s keep-alive
     closes them, so no request is sent on a connection the server is closing."""
@@ -158,7 +163,10 @@ async def image_users(url: str, n: int, image_path: str, max_new: int = 64) -> d
         files = [await upload(http, url, image_path) for _ in range(n)]
         t0 = time.perf_counter()
         calls = await asyncio.gather(
-            *[stream_call(http, url, idx, [files[i], user_history("What is in this image?"), 0.0, max_new]) for i in range(n)]
+            *[
+                stream_call(http, url, idx, [files[i], user_history("What is in this image?"), *image_settings(max_new)])
+                for i in range(n)
+            ]
         )
         wall = time.perf_counter() - t0
     res = [chat_result(c) for c in calls]
@@ -181,7 +189,7 @@ async def image_in_page(url: str, image_path: str, questions: int = 3, max_new: 
                 http,
                 url,
                 fn_index(config, "image_chat"),
-                [image, history + user_history(f"Question {q}: what is in this image?"), 0.0, max_new],
+                [image, history + user_history(f"Question {q}: what is in this image?"), *image_settings(max_new)],
                 session,
             )
             asked.append(chat_result(call))

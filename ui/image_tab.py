@@ -12,10 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from model_loader.engines.seam import ignored_settings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.conversation import is_image_message, to_vision_messages
+from ui.conversation import is_image_message, settings_note, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
 from ui.images import load_image
@@ -67,6 +68,10 @@ async def stream_image_reply(
     max_new_tokens: int,
     request: gr.Request,
     replies: streaming.Replies | None = None,
+    top_p: float = 0.8,
+    top_k: int = 40,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
 ):
     """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat)."""
     engine = streaming.engine_or_error(slot)
@@ -85,13 +90,14 @@ async def stream_image_reply(
             img = await asyncio.to_thread(load_image, path, max_pixels)  # decoding must not hold up the event loop
         except BadInput as e:
             raise streaming.show_error(e) from e
-        settings = streaming.settings_from(temperature, 0.8, 40, max_new_tokens, 1.0, 0)
+        settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
         messages = to_vision_messages(typed_history(history), img, reserved=engine.info.reserved)
         messages, notice = await streaming.fit_messages(
             engine, messages, engine.info.session_len or 4096, settings.max_new_tokens
         )
         if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
             messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
+        notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
         async for update in streaming.reply_updates(engine, history, messages, settings, notice, request, TAB):
             yield update
 
@@ -155,8 +161,14 @@ def build_image_tab(
             elem_id="image-examples",
         )
         with gr.Accordion(i18n("settings"), open=False):
-            temperature = gr.Slider(0.0, 2.0, 0.2, step=0.05, label=i18n("temperature"))
-            max_new = gr.Slider(16, 2048, 512, step=16, label=i18n("max_new_tokens"))
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, 0.2, step=0.05, label=i18n("temperature"))
+                top_p = gr.Slider(0.05, 1.0, 0.8, step=0.05, label=i18n("top_p"))
+                top_k = gr.Slider(1, 100, 40, step=1, label=i18n("top_k"))
+            with gr.Row():
+                max_new = gr.Slider(16, 2048, 512, step=16, label=i18n("max_new_tokens"))
+                rep = gr.Slider(1.0, 1.5, 1.0, step=0.01, label=i18n("repetition_penalty"))
+                seed = gr.Number(0, precision=0, label=i18n("seed"))
 
         def key(request: gr.Request) -> str:
             return streaming.chat_key(request, TAB)
@@ -174,10 +186,11 @@ def build_image_tab(
             replies.accepted(key(request))
             return out
 
-        async def reply(image, history, temperature, max_new_tokens, request: gr.Request):
+        async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):
             async for update in stream_image_reply(
-                slot, max_pixels, image, history, temperature, max_new_tokens, request, replies
-            ):
+                slot, max_pixels, image, history, temperature, max_new_tokens, request, replies,
+                top_p, top_k, repetition_penalty, seed,
+            ):  # fmt: skip
                 yield update
 
         async def stop_this(request: gr.Request) -> str:
@@ -219,7 +232,7 @@ def build_image_tab(
         accepted.failure(unlock, None, controls, api_name=False, queue=False)
         running = accepted.success(
             reply,
-            [image, chatbot, temperature, max_new],
+            [image, chatbot, temperature, max_new, top_p, top_k, rep, seed],  # the API's first four are as before
             [chatbot, stats],
             api_name="image_chat",
             preprocess=False,

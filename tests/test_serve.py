@@ -1,0 +1,36 @@
+"""What `python app.py` sets up for serving, apart from the engines and the page themselves."""
+
+from __future__ import annotations
+
+import sys
+
+import app
+
+
+def test_serving_hands_the_interpreter_back_to_the_web_server_quickly(monkeypatch):
+    """lmdeploy detokenizes on its own thread and holds the GIL for a whole switch interval (5 ms by default) each
+    time; at 16-32 users the page's event loop waited that long at every step (issue 14, bench/results)."""
+    import model_loader.startup
+    import ui.page
+
+    class NoStartup:
+        def __init__(self, cfg, env):
+            self.slots, self.system_info = {}, dict
+
+        def start(self):
+            pass
+
+    class NoDemo:
+        def launch(self, **kw):
+            self.seen = sys.getswitchinterval()
+
+    demo = NoDemo()
+    monkeypatch.setattr(model_loader.startup, "Startup", NoStartup)
+    monkeypatch.setattr(ui.page, "build_demo", lambda slots, cfg, info: (demo, None))
+    monkeypatch.setattr(ui.page, "launch_kwargs", lambda cfg, i18n: {})
+    before = sys.getswitchinterval()
+    try:
+        assert app.serve(object(), {}) == 0
+        assert demo.seen <= 0.001
+    finally:
+        sys.setswitchinterval(before)
