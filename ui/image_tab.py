@@ -19,7 +19,7 @@ from ui import streaming
 from ui.conversation import is_image_message, settings_note, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
-from ui.images import load_image
+from ui.images import ShrunkImages, load_image
 from ui.user_text import clean, clean_history, shown, typed_history
 
 TAB = "vision"
@@ -72,6 +72,7 @@ async def stream_image_reply(
     top_k: int = 40,
     repetition_penalty: float = 1.0,
     seed: int = 0,
+    shrunk: ShrunkImages | None = None,
 ):
     """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat)."""
     engine = streaming.engine_or_error(slot)
@@ -87,7 +88,8 @@ async def stream_image_reply(
 
     async def updates():
         try:
-            img = await asyncio.to_thread(load_image, path, max_pixels)  # decoding must not hold up the event loop
+            load = shrunk.load if shrunk is not None else load_image
+            img = await asyncio.to_thread(load, path, max_pixels)  # decoding must not hold up the event loop
         except BadInput as e:
             raise streaming.show_error(e) from e
         settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
@@ -109,6 +111,7 @@ def build_image_tab(
     slot: EngineSlot, i18n, concurrency: int, max_pixels: int, replies: streaming.Replies, scratch: Scratch
 ) -> gr.Blocks:
     """The Image chat tab's Blocks."""
+    shrunk = ShrunkImages()
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="image-status")
         with gr.Row(elem_id="image-layout"):
@@ -189,7 +192,7 @@ def build_image_tab(
         async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):
             async for update in stream_image_reply(
                 slot, max_pixels, image, history, temperature, max_new_tokens, request, replies,
-                top_p, top_k, repetition_penalty, seed,
+                top_p, top_k, repetition_penalty, seed, shrunk,
             ):  # fmt: skip
                 yield update
 

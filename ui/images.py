@@ -7,7 +7,10 @@ and reduced before any conversion.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,42 @@ def load_image(path: str | Path, max_pixels: int = 40_000_000, max_side: int = M
     for t in _UPRIGHT.get(orientation, []):
         img = img.transpose(t)
     return img
+
+
+class ShrunkImages:
+    """Decoded, shrunk uploads remembered by their content: a script that sends the same large picture with every
+    question (a new temporary file each time) pays the decoding once, as the page does after its upload."""
+
+    def __init__(self, entries: int = 8) -> None:  # at most 1344x1344 RGB each: ~5 MB
+        self._images: OrderedDict[tuple[str, int, int], Image.Image] = OrderedDict()
+        self._entries = entries
+        self._lock = threading.Lock()  # called from worker threads
+
+    def load(self, path: str | Path, max_pixels: int = 40_000_000, max_side: int = MAX_SIDE) -> Image.Image:
+        """load_image's result for this file's bytes (a copy: the caller may change it)."""
+        try:
+            key = (_digest(path), max_pixels, max_side)
+        except OSError:
+            return load_image(path, max_pixels, max_side)  # let load_image say what is wrong with the file
+        with self._lock:
+            img = self._images.get(key)
+            if img is not None:
+                self._images.move_to_end(key)
+                return img.copy()
+        img = load_image(path, max_pixels, max_side)
+        with self._lock:
+            self._images[key] = img
+            while len(self._images) > self._entries:
+                self._images.popitem(last=False)
+        return img.copy()
+
+
+def _digest(path: str | Path) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
