@@ -36,6 +36,15 @@ def input_defaults(config: dict, dep: dict) -> list:
     return [values.get(i) for i in dep.get("inputs") or []]
 
 
+def enter_event(config: dict, box: str = "chat-input") -> int:
+    """The server event that Enter in the chat box runs (the page's turn; it has no API name)."""
+    ids = {c["id"] for c in config["components"] if (c.get("props") or {}).get("elem_id") == box}
+    for d in config["dependencies"]:
+        if d.get("backend_fn") and any(t[0] in ids and t[1] == "submit" for t in d.get("targets") or []):
+            return d["id"]
+    raise KeyError(f"no server event on Enter in #{box}")
+
+
 def timers(config: dict) -> dict[int, dict]:
     """The page's timers by component id: their interval and whether they start active."""
     return {
@@ -55,7 +64,7 @@ class Page:
     def __init__(self, http: httpx.AsyncClient, url: str, config: dict) -> None:
         self.http, self.url, self.config = http, url, config
         self.session = uuid.uuid4().hex[:11]
-        self.send = fn_index(config, "send")
+        self.send = enter_event(config)
         self.send_dep = next(d for d in config["dependencies"] if d["id"] == self.send)
         steps = then_steps(config, self.send)  # a page runs js-only steps itself, with no request
         self.after_send = [d for d in steps if d.get("backend_fn") and not d.get("trigger_only_on_failure")]

@@ -99,7 +99,7 @@ class Startup:
             log.exception("start-up failed")
             for s in self.slots.values():
                 if s.state not in ("ready", "disabled", "failed"):
-                    s.state, s.message = "failed", f"Start-up failed: {e}"
+                    s.fail(f"Start-up failed: {e}")
 
     def _connect_api_servers(self) -> None:
         from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
@@ -113,7 +113,7 @@ class Startup:
             try:
                 asyncio.run(eng.connect())
             except AppError as e:
-                slot.state, slot.message = "failed", str(e)
+                slot.fail(str(e))
                 continue
             slot.engine, slot.state = eng, "ready"
             slot.say(f"Ready: {eng.model} behind {urls[kind]}")
@@ -199,10 +199,10 @@ class Startup:
     def _fail_fetch(self, kind: str, e: BaseException) -> None:
         slot = self.slots[kind]
         if isinstance(e, AppError):
-            slot.state, slot.message = "failed", str(e)
+            slot.fail(str(e))
         else:
             log.error("preparing the %s model failed", kind, exc_info=e)
-            slot.state, slot.message = "failed", f"Preparing the {kind} model failed: {e}"
+            slot.fail(f"Preparing the {kind} model failed: {e}")
 
     def _make_plan(self, mem, kinds, specs, finished) -> bool:
         """Plan the card once the first model is here (the others' shapes are known ahead); False if nothing fits."""
@@ -214,7 +214,7 @@ class Startup:
         err = DoesNotFit("The models do not fit on this GPU at this KV ratio.", "Ways out: " + "; ".join(self.plan.advice))
         for _, slot in self._enabled():
             if slot.state != "failed":
-                slot.state, slot.message = "failed", str(err)
+                slot.fail(str(err))
         return False
 
     def _next_to_build(self, kinds, resolved, finished, specs) -> str | None:
@@ -266,7 +266,7 @@ class Startup:
         except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
             log.exception("building the %s engine failed", kind)
             named = engine_error(kind, e)
-            slot.state, slot.message = "failed", str(named) if named else f"The {kind} engine failed to start: {e}"
+            slot.fail(str(named) if named else f"The {kind} engine failed to start: {e}")
             return
         after = gpu_memory()
         slot.used_mib_after = after.used_mib if after else 0.0

@@ -219,3 +219,33 @@ def test_a_streamed_update_rebuilds_at_most_two_components(launched, monkeypatch
     turns, _, _ = asyncio.run(users_on_pages(url, 1, 1, 256))
     assert turns[0]["updates"] >= 10 and not turns[0]["error"]
     assert len(rebuilt) <= 2 * turns[0]["updates"] + 2, (len(rebuilt), turns[0]["updates"])
+
+
+def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):
+    """The page's status timer ticks while an engine is on its way and stops once both are ready or failed: a page
+    opened during start-up still sees the engine arrive (issue 14: idle pages; review: a missed transition)."""
+    import httpx
+
+    from bench.pages import Page
+
+    url, _, st = launched
+    slot = st.slots["vision"]
+    slot.state = "loading"
+
+    async def watch() -> tuple[int, int]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            page = Page(http, url, (await http.get(url + "config")).json())
+            await page.load()
+
+            async def poll_for(seconds: float) -> int:
+                stop = asyncio.Event()
+                asyncio.get_running_loop().call_later(seconds, stop.set)
+                return await page.poll(stop)
+
+            while_loading = await poll_for(2.2)
+            slot.state = "ready"
+            after = await poll_for(2.2)
+            return while_loading, after
+
+    while_loading, after = asyncio.run(watch())
+    assert while_loading >= 2 and after == 1  # the tick that saw it ready was the last

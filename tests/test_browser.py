@@ -257,6 +257,26 @@ def test_a_failed_reply_gives_the_controls_back(page, engines, monkeypatch):
     assert enabled(pg, "#chat-regenerate")
 
 
+def test_a_failed_engine_keeps_send_off_after_a_refused_enter(app, browser, engines):
+    """The page gives the controls back by itself when a turn ends; it must not turn Send on for an engine that
+    cannot answer (review of the one-event turn)."""
+    st = app[3]
+    slot = st.slots["text"]
+    engine = slot.engine
+    slot.fail("The text engine failed to start: out of memory")
+    try:
+        with new_page(browser, app[0]) as pg:
+            pg.wait_for_selector("#chat-status:has-text('out of memory')")
+            wait_enabled(pg, "#chat-send", on=False)
+            type_and_enter(pg, "hello?")
+            page_has(pg, "out of memory")  # the refusal's toast
+            pg.wait_for_timeout(500)  # the page's own unlock has run by now
+            assert not enabled(pg, "#chat-send")
+            assert pg.input_value("#chat-input textarea") == "hello?"
+    finally:
+        slot.engine, slot.state, slot.message = engine, "ready", "Ready"
+
+
 def test_closing_the_tab_removes_its_files(app, browser, engines, tmp_path):
     root = Path(os.environ["GRADIO_TEMP_DIR"])
     with new_page(browser, app[0]) as pg:

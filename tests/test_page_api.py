@@ -245,3 +245,32 @@ def test_a_reply_cleared_while_it_waits_in_the_queue_never_runs(one_at_a_time):
     first.result(timeout=30)
     assert waiting.result(timeout=30)[0] == []
     assert [m[1][-1]["content"] for m in text.calls] == ["I hold the only slot"], "the cleared question was answered"
+
+
+def test_a_page_turn_never_waits_in_gradios_queue_behind_other_replies(one_at_a_time):
+    """Enter's turn checks, shows the message and streams in one event; held in Gradio's queue it would paint the
+    history it joined with over a Clear or Undo made meanwhile (review). The engine's own queue does the waiting,
+    and the page says so ("Waiting for a free slot")."""
+    import asyncio
+
+    import httpx
+
+    from bench.pages import Page
+
+    url, (text, _) = one_at_a_time
+    text.delay_s = 0.02
+    text.enqueue(" ".join(f"w{i}" for i in range(80)))
+    first = chat(Client(url, verbose=False), msg("I hold the only slot"), max_new=200)
+    while text.active_sessions() == 0:
+        time.sleep(0.01)
+
+    async def second_user() -> dict:
+        async with httpx.AsyncClient(timeout=30) as http:
+            page = Page(http, url, (await http.get(url + "config")).json())
+            await page.load()
+            return await page.turn([], "me next", 64)
+
+    turn = asyncio.run(second_user())
+    assert not first.done(), "the second user's turn waited for the first reply to end"
+    assert "You said: me next" in str(turn["history"])
+    first.result(timeout=30)

@@ -214,7 +214,7 @@ def build_chat_tab(
         async def stop_this(history, request: gr.Request):
             note = await streaming.stop_reply(slot, request, TAB)
             kept, dropped = fit_for_browser(clean_history(history))
-            return note, kept, *unlock()  # the cancelled turn never sends its last update
+            return note, kept
 
         async def end_reply_with(history, request: gr.Request) -> None:
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
@@ -236,9 +236,6 @@ def build_chat_tab(
             kept, dropped = fit_for_browser(clean_history(history))
             return kept, (stats_line + "\n\n" + save_note(dropped)) if dropped else stats_line
 
-        def unlock():
-            return gr.update(interactive=slot.ready), gr.update(interactive=False), gr.update(interactive=True)
-
         def export(history, fmt, request):
             session = getattr(request, "session_hash", None) or "anonymous"
             return streaming.export_file(typed_history(clean_history(history)), fmt, scratch, session)
@@ -256,7 +253,7 @@ def build_chat_tab(
         running = []
 
         lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
-        unlock_in_page = streaming.interactive_js(True, False, True)
+        unlock_in_page = streaming.interactive_js(True, False, True, ready_banner="#chat-status")
 
         # Gradio 6 rebuilds a component for every gr.skip()/gr.update() in every streamed update (~0.5 ms each), so
         # a turn streams into four outputs only, and the buttons are given back in the page when it ends
@@ -277,13 +274,13 @@ def build_chat_tab(
             """Enter and Send in one server event. A refusal comes before anything changes, so the message stays
             in the box to fix."""
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            engine = streaming.engine_or_error(slot)
             replies.check(key(request))
             out, history = add_user_message(message, history)
-            if slot.ready:  # too long even alone (with the system prompt): refused before it enters the chat
-                engine = slot.engine
-                alone = to_engine_messages([{"role": "user", "content": clean(message)}], clean(system_prompt or ""),
-                                           reserved=engine.info.reserved)  # fmt: skip
-                await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
+            # too long even alone (with the system prompt): refused before it enters the chat
+            alone = to_engine_messages([{"role": "user", "content": clean(message)}], clean(system_prompt or ""),
+                                       reserved=engine.info.reserved)  # fmt: skip
+            await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
             replies.accepted(key(request))
             yield (out, history, "…", *KEEP)
             async for update in reply_then_save(history, system_prompt, sampling, request):
@@ -294,6 +291,7 @@ def build_chat_tab(
             request: gr.Request,
         ):  # fmt: skip
             """Regenerate and the chat's Retry: answer the last question again."""
+            streaming.engine_or_error(slot)
             history = regenerate(history, request)
             yield (gr.skip(), history, "…", *KEEP)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
@@ -305,24 +303,27 @@ def build_chat_tab(
             edit: gr.EditData, request: gr.Request,
         ):  # fmt: skip
             """An edited message: the conversation up to it, answered again."""
+            streaming.engine_or_error(slot)
             history = edited(history, edit, request)
             yield (gr.skip(), history, "…", *KEEP)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             async for update in reply_then_save(history, system_prompt, sampling, request):
                 yield update
 
-        def turn(triggers, fn, inputs, api_name):
-            """One server event per turn: the page locks its controls at once and gives them back when the event
-            ends, however it ends, without asking the server."""
+        def turn(triggers, fn, inputs):
+            """One server event per turn, never held in Gradio's queue (a turn that waited there would repaint the
+            history it joined with over a Clear or Undo made meanwhile): the engine's own queue does the waiting, and
+            the stats line says so. The page locks its controls at once and gives them back when the event ends,
+            however it ends, without asking the server."""
             gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
             ev = gr.on(
                 triggers,
-                streaming.refusals_as_toasts(fn, lambda: (gr.skip(),) * 4),
+                streaming.refusals_as_toasts(fn, lambda: (gr.skip(), gr.skip(), "", gr.skip())),
                 inputs,
                 [msg, chatbot, stats, saved],
-                api_name=api_name,
-                concurrency_limit=concurrency,
-                concurrency_id=TAB,
+                api_name=False,  # the page's own event (refusals are toasts): scripts use /add_message and /chat
+                concurrency_limit=None,
+                concurrency_id="turns",
                 show_progress="minimal",
                 show_progress_on=chatbot,  # its own Retry/Edit/Undo are off while it streams; the box stays usable
             )
@@ -330,9 +331,9 @@ def build_chat_tab(
             ev.failure(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # .then skips failures
             running.append(ev)
 
-        turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings], "send")
-        turn([regen.click, chatbot.retry], regenerate_turn, [chatbot, *settings], False)
-        turn([chatbot.edit], edit_turn, [chatbot, *settings], False)
+        turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings])
+        turn([regen.click, chatbot.retry], regenerate_turn, [chatbot, *settings])
+        turn([chatbot.edit], edit_turn, [chatbot, *settings])
         # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply
         api_only = gr.Button(visible=False)
         api_only.click(accept, [msg, chatbot], [msg, chatbot], api_name="add_message", **ui)
@@ -348,7 +349,8 @@ def build_chat_tab(
                 show_progress="minimal",
             )  # fmt: skip
         )
-        stop.click(stop_this, chatbot, [stats, saved, *buttons], cancels=running, api_name="stop", queue=False)
+        stopped = stop.click(stop_this, chatbot, [stats, saved], cancels=running, api_name="stop", queue=False)
+        stopped.then(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # the turn never ends it
         # no `cancels` here: the reply ends by itself, showing what Undo/Clear leave (a cancelled event's last
         # message can still land after theirs in the page)
         gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)

@@ -235,6 +235,7 @@ def build_demo(
             """Header and banners. Send/Ask start enabled; they are turned off when the page loads before its engine
             is ready, and on when readiness arrives, never otherwise: a reply may be streaming with them locked.
             Once both engines have settled there is nothing left to watch, and the page's timer stops."""
+            done = settled(slots)  # read first: once settled, nothing read below can change any more
             now = {"text": text_slot.ready, "vision": vision_slot.ready}
 
             def button(kind):
@@ -249,7 +250,7 @@ def build_demo(
                 status_line(vision_slot),
                 button("vision"),
                 now,
-                gr.Timer(active=False) if settled(slots) else gr.skip(),
+                gr.Timer(active=False) if done else gr.skip(),
             )
 
         def on_load(seen, history, request: gr.Request):

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import html
+import json
 import logging
 import re
 import time
@@ -61,8 +62,8 @@ def refuse(message: str, title: str = "Not sent") -> gr.Error:
 
 def refusals_as_toasts(turn: Callable, last: Callable[[], tuple]) -> Callable:
     """A page turn whose refusals (raised before or while it streams) become a warning toast and end with `last()`
-    (the controls given back) instead of failing the event: a failed event puts Gradio's red "Error" pill over its
-    outputs, the chat and the message box, and the refusal's own text is in the toast already."""
+    instead of failing the event: a failed event puts Gradio's red "Error" pill over its outputs, the chat and the
+    message box, and the refusal's own text is in the toast already."""
 
     @functools.wraps(turn)  # Gradio reads the signature (gr.Request, gr.EditData) through the wrapper
     async def page_turn(*args, **kwargs):
@@ -159,9 +160,14 @@ class Replies:
                 yield instead, ""
 
 
-def interactive_js(*interactive: bool) -> str:
-    """A page-only event function that sets its outputs' `interactive` at once, with no server round trip."""
-    updates = ", ".join(f"{{__type__: 'update', interactive: {'true' if on else 'false'}}}" for on in interactive)
+def interactive_js(*interactive: bool, ready_banner: str = "") -> str:
+    """A page-only event function that sets its outputs' `interactive` at once, with no server round trip. With
+    `ready_banner`, the first output (the tab's send button) is turned on only while that banner is empty, which is
+    when the tab's engine is ready (page.status_line)."""
+    flags = ["true" if on else "false" for on in interactive]
+    if ready_banner and interactive and interactive[0]:
+        flags[0] = f"!(document.querySelector({json.dumps(ready_banner)})?.innerText || '').trim()"
+    updates = ", ".join(f"{{__type__: 'update', interactive: {flag}}}" for flag in flags)
     return f"() => [{updates}]"
 
 

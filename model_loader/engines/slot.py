@@ -26,8 +26,9 @@ class EngineSlot:
         log.info("[%s] %s", self.kind, message)
 
     def fail(self, message: str) -> None:
-        """The engine will not come: the banner says why."""
-        self.state, self.message = "failed", message
+        """The engine will not come: the banner says why (the reason first: a page that sees the state reads it)."""
+        self.message = message
+        self.state = "failed"
         log.warning("[%s] %s", self.kind, message)
 
     @property
