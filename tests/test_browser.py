@@ -310,6 +310,9 @@ def test_refusals_are_readable_on_the_page(page, tmp_path):
     fake.write_text("just some text, not a picture")
     pg.locator("#image-input input[type=file]").set_input_files(str(fake))
     page_has(pg, "not an image we can read")
+    pg.wait_for_timeout(300)  # the refused upload's status would land now
+    assert pg.locator("#image-input .error, #image-chatbot .error").count() == 0, "an Error pill covers the image"
+    assert pg.locator("#image-input img").count() == 0, "the refused file still sits in the image box"
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + bytes(20 * 2**20 + 1))  # over the 20 MB upload limit
     pg.locator("#image-input input[type=file]").set_input_files(str(big))

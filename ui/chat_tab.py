@@ -318,7 +318,7 @@ def build_chat_tab(
             gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
             ev = gr.on(
                 triggers,
-                streaming.refusals_as_toasts(fn, lambda: (gr.skip(), gr.skip(), "", gr.skip())),
+                streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip())),
                 inputs,
                 [msg, chatbot, stats, saved],
                 api_name=False,  # the page's own event (refusals are toasts): scripts use /add_message and /chat

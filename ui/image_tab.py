@@ -212,7 +212,19 @@ def build_image_tab(
 
         ui = dict(concurrency_limit=None, concurrency_id="ui", show_progress="minimal")
         controls = [ask, stop, image]
-        image.upload(on_upload, [image, chatbot], [chatbot, image], api_name="set_image", preprocess=False, **ui)
+        api_only = gr.Button(visible=False)  # the API's own step: an upload refused with an error, as scripts expect
+        api_only.click(on_upload, [image, chatbot], [chatbot, image], api_name="set_image", preprocess=False, **ui)
+
+        def on_upload_in_page(image, history, request: gr.Request):
+            """A refused upload says why in a toast and leaves the box empty (a failed event would put Gradio's red
+            "Error" pill over the picture it refused, and keep showing that picture)."""
+            try:
+                return on_upload(image, history, request)
+            except gr.Error as e:
+                gr.Warning(e.message, title=e.title)
+                return gr.skip(), None
+
+        image.upload(on_upload_in_page, [image, chatbot], [chatbot, image], api_name=False, preprocess=False, **ui)
         # lock in the page at once (Ask off, Stop on, the image fixed), before the server has even seen the question
         lock = streaming.interactive_js(False, True, False)
         gr.on([question.submit, ask.click], None, None, controls, js=lock, api_name=False, queue=False)

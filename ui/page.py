@@ -270,12 +270,9 @@ def build_demo(
         def show_system(request: gr.Request):
             return (gr.Timer(active=True), *system.load_fn(request))
 
-        def hide_system():
-            return gr.Timer(active=False)
-
         system_page.select(show_system, None, [system.timer, *system.outputs], api_name=False, queue=False)
-        for other in (chat_page, image_page):
-            other.select(hide_system, None, system.timer, api_name=False, queue=False)
+        for other in (chat_page, image_page):  # leaving the System tab stops its timer in the page, no request
+            other.select(None, None, system.timer, js="() => ({__type__: 'update', active: false})", api_name=False)
 
         def forget_session(request: gr.Request) -> None:
             """The tab was closed or reloaded: remove the files written for it."""

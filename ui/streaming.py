@@ -60,9 +60,9 @@ def refuse(message: str, title: str = "Not sent") -> gr.Error:
     return gr.Error(html.escape(message), title=title, print_exception=False)
 
 
-def refusals_as_toasts(turn: Callable, last: Callable[[], tuple]) -> Callable:
-    """A page turn whose refusals (raised before or while it streams) become a warning toast and end with `last()`
-    instead of failing the event: a failed event puts Gradio's red "Error" pill over its outputs, the chat and the
+def refusals_as_toasts(turn: Callable, last: Callable[[gr.Error], tuple]) -> Callable:
+    """A page turn whose refusals (raised before or while it streams) become a warning toast and end with
+    `last(refusal)` instead of failing the event: a failed event puts Gradio's red "Error" pill over its outputs, the chat and the
     message box, and the refusal's own text is in the toast already."""
 
     @functools.wraps(turn)  # Gradio reads the signature (gr.Request, gr.EditData) through the wrapper
@@ -72,7 +72,7 @@ def refusals_as_toasts(turn: Callable, last: Callable[[], tuple]) -> Callable:
                 yield update
         except gr.Error as e:
             gr.Warning(e.message, title=e.title)
-            yield last()
+            yield last(e)
 
     return page_turn
 
