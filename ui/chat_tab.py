@@ -11,7 +11,7 @@ import json
 
 import gradio as gr
 
-from model_loader.engines.seam import ignored_settings
+from model_loader.engines.seam import GenSettings, ignored_settings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
 from ui.conversation import settings_note, text_of, to_engine_messages
@@ -167,14 +167,7 @@ def build_chat_tab(
                 chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_name=False, queue=False)
         with gr.Accordion(i18n("settings"), open=False):
             system = gr.Textbox(DEFAULT_SYSTEM, label=i18n("system_prompt"), lines=3, elem_id="chat-system")
-            with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, 0.8, step=0.05, label=i18n("temperature"))
-                top_p = gr.Slider(0.05, 1.0, 0.8, step=0.05, label=i18n("top_p"))
-                top_k = gr.Slider(1, 100, 40, step=1, label=i18n("top_k"))
-            with gr.Row():
-                max_new = gr.Slider(16, 4096, 1024, step=16, label=i18n("max_new_tokens"))
-                rep = gr.Slider(1.0, 1.5, 1.0, step=0.01, label=i18n("repetition_penalty"))
-                seed = gr.Number(0, precision=0, label=i18n("seed"))
+            temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
         with gr.Accordion(i18n("export"), open=False):
             with gr.Row():
                 export_md = gr.Button(i18n("export_md"), size="sm")

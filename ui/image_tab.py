@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from model_loader.engines.seam import ignored_settings
+from model_loader.engines.seam import GenSettings, ignored_settings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
@@ -68,10 +68,10 @@ async def stream_image_reply(
     max_new_tokens: int,
     request: gr.Request,
     replies: streaming.Replies | None = None,
-    top_p: float = 0.8,
-    top_k: int = 40,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
+    top_p: float = GenSettings.top_p,
+    top_k: int = GenSettings.top_k,
+    repetition_penalty: float = GenSettings.repetition_penalty,
+    seed: int = GenSettings.seed,
     shrunk: ShrunkImages | None = None,
 ):
     """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat)."""
@@ -164,14 +164,8 @@ def build_image_tab(
             elem_id="image-examples",
         )
         with gr.Accordion(i18n("settings"), open=False):
-            with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, 0.2, step=0.05, label=i18n("temperature"))
-                top_p = gr.Slider(0.05, 1.0, 0.8, step=0.05, label=i18n("top_p"))
-                top_k = gr.Slider(1, 100, 40, step=1, label=i18n("top_k"))
-            with gr.Row():
-                max_new = gr.Slider(16, 2048, 512, step=16, label=i18n("max_new_tokens"))
-                rep = gr.Slider(1.0, 1.5, 1.0, step=0.01, label=i18n("repetition_penalty"))
-                seed = gr.Number(0, precision=0, label=i18n("seed"))
+            defaults = GenSettings(temperature=0.2, max_new_tokens=512)  # a description wants few surprises
+            temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, defaults, 2048)
 
         def key(request: gr.Request) -> str:
             return streaming.chat_key(request, TAB)

@@ -183,6 +183,20 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
     )
 
 
+def sampling_sliders(i18n, defaults: GenSettings, max_new_limit: int) -> list:
+    """Both tabs' sampling settings, in the order settings_from takes them: temperature, top-p, top-k, max new
+    tokens, repetition penalty, seed (made inside the caller's Blocks, e.g. in its Settings accordion)."""
+    with gr.Row():
+        temperature = gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label=i18n("temperature"))
+        top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label=i18n("top_p"))
+        top_k = gr.Slider(1, 100, defaults.top_k, step=1, label=i18n("top_k"))
+    with gr.Row():
+        max_new = gr.Slider(16, max_new_limit, defaults.max_new_tokens, step=16, label=i18n("max_new_tokens"))
+        rep = gr.Slider(1.0, 1.5, defaults.repetition_penalty, step=0.01, label=i18n("repetition_penalty"))
+        seed = gr.Number(defaults.seed, precision=0, label=i18n("seed"))
+    return [temperature, top_p, top_k, max_new, rep, seed]
+
+
 def waiting_line(active: int, capacity: int) -> str:
     """What a reply without text yet says when the engine already serves all it can hold ('' when it does not)."""
     if capacity <= 0 or active <= capacity:
