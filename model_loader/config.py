@@ -20,6 +20,9 @@ BACKENDS = ("turbomind", "api_server")
 LOAD_ORDERS = ("auto", "vision-first", "text-first")
 KV_QUANTS = ("none", "int8", "int4")
 TEXT_KV_QUANTS = (*KV_QUANTS, "auto")  # auto: resolved by the planner (kv_cache.resolve_text_kv_quant)
+# "auto" for the text cache: int8 (lossless in lmdeploy's published figures) where it holds this many conversations of
+# this many tokens at once, else int4 (up to ~3 points lost, docs/capacity.md), which memory then forces
+AUTO_CONVERSATIONS, AUTO_CONVERSATION_TOKENS = 16, 4096
 KV_RATIO_FIELDS = {"vision": "kv_ratio", "text": "text_kv_ratio"}  # each engine's share of the memory free
 
 
@@ -62,7 +65,7 @@ class AppConfig:
         "auto",
         "APP_TEXT_KV_QUANT",
         "Text KV cache precision: int8 holds 1.9x the tokens of none (fp16), int4 3.8x; auto: int8 where it holds "
-        "16 conversations of 4k tokens, else int4 (docs/capacity.md).",
+        f"{AUTO_CONVERSATIONS} conversations of {AUTO_CONVERSATION_TOKENS // 1024}k tokens, else int4 (docs/capacity.md).",
         TEXT_KV_QUANTS,
     )
     vision_kv_quant: str = setting("int8", "APP_VISION_KV_QUANT", "Image KV cache precision.", KV_QUANTS)

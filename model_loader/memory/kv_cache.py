@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from model_loader.config import AUTO_CONVERSATION_TOKENS, AUTO_CONVERSATIONS
+
 if TYPE_CHECKING:
     from model_loader.memory.planner import EnginePlan
 
@@ -17,9 +19,6 @@ CACHE_BLOCK_SEQ_LEN = 64
 KV_BITS = {"none": 16, "int8": 8, "int4": 4}
 KV_PARAM_BYTES = 2 * 2  # fp16 scale + fp16 zero, per token, head and K or V
 CONVERSATION_SIZES = (1024, 4096)  # what --plan and the System tab count conversations of
-# "auto" for the text cache: int8 (lossless in lmdeploy's published figures) where it holds this many conversations of
-# this many tokens at once, else int4 (up to ~3 points lost, docs/capacity.md), which memory then forces
-AUTO_CONVERSATIONS, AUTO_CONVERSATION_TOKENS = 16, 4096
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_quant: str = "none") -> int:
@@ -42,7 +41,8 @@ def concurrency_for(engine: EnginePlan, conversation_tokens: int, batch_size: in
 
 def resolve_text_kv_quant(setting: str, int8_cache: EnginePlan | None) -> tuple[str, str]:
     """The text cache's precision for `setting`, and why when it was "auto": int8 when the int8 cache (planned at the
-    text engine's ratio on this GPU) holds 16 conversations of 4k at once, else int4; int8 with no plan to go by."""
+    text engine's ratio on this GPU) holds AUTO_CONVERSATIONS conversations of AUTO_CONVERSATION_TOKENS at once, else
+    int4; int8 with no plan to go by."""
     if setting != "auto":
         return setting, ""
     if int8_cache is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model_loader.config import KV_RATIO_FIELDS
 from model_loader.memory.kv_cache import (
     CACHE_BLOCK_SEQ_LEN,
     KV_BITS,
@@ -347,7 +348,7 @@ def advice(specs, by_kind, gpu_total_mib, free_mib, ratios, min_kv_tokens) -> li
     for kind, now in ratios.items():  # one engine's ratio changed, the other's kept: the flag that changes it
         for r in sorted(set(RATIO_TRIALS) - {now}, key=lambda r: abs(r - now)):
             if fits(r={**ratios, kind: r}).fits:
-                field_name = "kv_ratio" if kind == "vision" else "text_kv_ratio"
+                field_name = KV_RATIO_FIELDS[kind]
                 out.append(f"{'lower' if r < now else 'raise'} the {ENGINE_NAMES[kind]} KV ratio: {flag(field_name)} {r} fits")
                 break
     short = [e for e in fits().engines if not e.session_fits and e.kind in by_kind]
