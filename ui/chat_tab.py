@@ -1,8 +1,9 @@
 """Tab "Chat": InternLM2 with streaming, stop, regenerate, undo/edit, sampling settings and exports.
 
-Every event that can refuse runs in Gradio's queue, where its error reaches the page as text. While a reply
-streams, Send/Enter/Regenerate are locked in the page (Stop is the live button) and the server refuses a second
-reply in the same chat; Clear and Undo stop the reply, which then ends showing what they left.
+A turn (Enter, Send, Regenerate, Retry, Edit) is one queued server event that checks, shows the message, streams
+and saves; a refusal ends it with a toast and a line under the chat. While a reply streams, Send/Enter/Regenerate
+are locked in the page (Stop is the live button) and the server refuses a second reply in the same chat; Clear and
+Undo stop the reply, which then ends showing what they left. Scripts use /add_message, /regenerate and /chat.
 """
 
 from __future__ import annotations
