@@ -274,3 +274,11 @@ def test_a_page_turn_never_waits_in_gradios_queue_behind_other_replies(one_at_a_
     assert not first.done(), "the second user's turn waited for the first reply to end"
     assert "You said: me next" in str(turn["history"])
     first.result(timeout=30)
+
+
+def test_the_api_lists_only_what_scripts_can_call(launched):
+    """Page-only events (timers, tab switches, the page's turns) are not endpoints: view_api listed a '/False'."""
+    url, _, _ = launched
+    named = set(Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert {"/chat", "/add_message", "/regenerate", "/image_chat", "/set_image", "/stop", "/status"} <= named
+    assert not {n for n in named if n in ("/False", "/send") or n.startswith("/unnamed")}, named

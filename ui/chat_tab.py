@@ -165,7 +165,7 @@ def build_chat_tab(
         with gr.Row(elem_classes="example-chips", elem_id="chat-examples"):
             for text in EXAMPLES:  # fills the box in the page, no server round trip
                 chip = gr.Button(text, size="sm", variant="secondary", elem_classes="example-chip")
-                chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_name=False, queue=False)
+                chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_visibility="private", queue=False)
         with gr.Accordion(i18n("settings"), open=False):
             system = gr.Textbox(DEFAULT_SYSTEM, label=i18n("system_prompt"), lines=3, elem_id="chat-system")
             temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
@@ -309,20 +309,20 @@ def build_chat_tab(
             history it joined with over a Clear or Undo made meanwhile): the engine's own queue does the waiting, and
             the stats line says so. The page locks its controls at once and gives them back when the event ends,
             however it ends, without asking the server."""
-            gr.on(triggers, None, None, buttons, js=lock, api_name=False, queue=False)
+            gr.on(triggers, None, None, buttons, js=lock, api_visibility="private", queue=False)
             ev = gr.on(
                 triggers,
                 streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip())),
                 inputs,
                 [msg, chatbot, stats, saved],
-                api_name=False,  # the page's own event (refusals are toasts): scripts use /add_message and /chat
+                api_visibility="private",  # the page's own event (refusals are toasts): scripts use /add_message and /chat
                 concurrency_limit=None,
                 concurrency_id="turns",
                 show_progress="minimal",
                 show_progress_on=chatbot,  # its own Retry/Edit/Undo are off while it streams; the box stays usable
             )
-            ev.then(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # no server request
-            ev.failure(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # .then skips failures
+            ev.then(None, None, buttons, js=unlock_in_page, api_visibility="private", queue=False)  # no server request
+            ev.failure(None, None, buttons, js=unlock_in_page, api_visibility="private", queue=False)  # .then skips failures
             running.append(ev)
 
         turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings])
@@ -344,7 +344,7 @@ def build_chat_tab(
             )  # fmt: skip
         )
         stopped = stop.click(stop_this, chatbot, [stats, saved], cancels=running, api_name="stop", queue=False)
-        stopped.then(None, None, buttons, js=unlock_in_page, api_name=False, queue=False)  # the turn never ends it
+        stopped.then(None, None, buttons, js=unlock_in_page, api_visibility="private", queue=False)  # the turn never ends it
         # no `cancels` here: the reply ends by itself, showing what Undo/Clear leave (a cancelled event's last
         # message can still land after theirs in the page)
         gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)

@@ -218,10 +218,10 @@ def build_image_tab(
                 gr.Warning(e.message, title=e.title)
                 return gr.skip(), None
 
-        image.upload(on_upload_in_page, [image, chatbot], [chatbot, image], api_name=False, preprocess=False, **ui)
+        image.upload(on_upload_in_page, [image, chatbot], [chatbot, image], api_visibility="private", preprocess=False, **ui)
         # lock in the page at once (Ask off, Stop on, the image fixed), before the server has even seen the question
         lock = streaming.interactive_js(False, True, False)
-        gr.on([question.submit, ask.click], None, None, controls, js=lock, api_name=False, queue=False)
+        gr.on([question.submit, ask.click], None, None, controls, js=lock, api_visibility="private", queue=False)
         # a failed event marks its outputs with Gradio's red "Error" pill; the refusal's text is in the toast, so the
         # check writes here (invisible) and the chat and question change only once it has passed
         sink = gr.Textbox(visible=False)
@@ -231,14 +231,14 @@ def build_image_tab(
             return ""
 
         checked = gr.on(
-            [question.submit, ask.click], check_question, [question, chatbot, image], sink, api_name=False,
+            [question.submit, ask.click], check_question, [question, chatbot, image], sink, api_visibility="private",
             preprocess=False, **ui,
         )  # fmt: skip
-        checked.failure(unlock, None, controls, api_name=False, queue=False)
+        checked.failure(unlock, None, controls, api_visibility="private", queue=False)
         accepted = checked.success(
             accept, [question, chatbot, image], [question, chatbot], api_name="add_question", preprocess=False, **ui
         )
-        accepted.failure(unlock, None, controls, api_name=False, queue=False)
+        accepted.failure(unlock, None, controls, api_visibility="private", queue=False)
         running = accepted.success(
             reply,
             [image, chatbot, temperature, max_new, top_p, top_k, rep, seed],  # the API's first four are as before
@@ -249,8 +249,8 @@ def build_image_tab(
             concurrency_id=TAB,
             show_progress="minimal",
         )
-        running.then(unlock, None, controls, api_name=False, queue=False)
-        running.failure(unlock, None, controls, api_name=False, queue=False)
+        running.then(unlock, None, controls, api_visibility="private", queue=False)
+        running.failure(unlock, None, controls, api_visibility="private", queue=False)
         stop.click(stop_this, None, stats, cancels=[running], api_name="stop_image", queue=False)
         gr.on(
             [clear.click, chatbot.clear],
@@ -268,6 +268,6 @@ def build_image_tab(
             history, preview = prepare_image(path, history, max_pixels, scratch, session(request))
             return history, preview, text
 
-        gallery.select(use_example, chatbot, [chatbot, image, question], api_name=False, **ui)
+        gallery.select(use_example, chatbot, [chatbot, image, question], api_visibility="private", **ui)
     tab.status, tab.ask, tab.stop, tab.chatbot, tab.image = status, ask, stop, chatbot, image
     return tab

@@ -259,20 +259,20 @@ def build_demo(
             return (*refresh_status(seen, request, first=True), history or [])
 
         outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
-        demo.load(on_load, [known, saved], [*outputs, chat.chatbot], api_name=False, queue=False)
+        demo.load(on_load, [known, saved], [*outputs, chat.chatbot], api_visibility="private", queue=False)
 
         def status() -> dict:
             return engine_status(slots)
 
         gr.api(status, api_name="status")
-        status_timer.tick(refresh_status, known, outputs, api_name=False, queue=False, show_progress="hidden")
+        status_timer.tick(refresh_status, known, outputs, api_visibility="private", queue=False, show_progress="hidden")
 
         def show_system(request: gr.Request):
             return (gr.Timer(active=True), *system.load_fn(request))
 
-        system_page.select(show_system, None, [system.timer, *system.outputs], api_name=False, queue=False)
+        system_page.select(show_system, None, [system.timer, *system.outputs], api_visibility="private", queue=False)
         for other in (chat_page, image_page):  # leaving the System tab stops its timer in the page, no request
-            other.select(None, None, system.timer, js="() => ({__type__: 'update', active: false})", api_name=False)
+            other.select(None, None, system.timer, js="() => ({__type__: 'update', active: false})", api_visibility="private")
 
         def forget_session(request: gr.Request) -> None:
             """The tab was closed or reloaded: remove the files written for it."""

@@ -128,7 +128,7 @@ def build_system_tab(
             )
 
         outputs = [engines, memory, chart, plan, cfg_box]
-        timer.tick(refresh, None, outputs, api_name=False, queue=False, show_progress="hidden")
+        timer.tick(refresh, None, outputs, api_visibility="private", queue=False, show_progress="hidden")
         tab.load_fn = refresh
         tab.outputs = outputs
         tab.timer = timer
