@@ -167,3 +167,10 @@ def test_token_upper_bound_is_an_upper_bound(tiny_models):
         msgs = [{"role": "system", "content": "be nice"}, {"role": "user", "content": text}]
         prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
         assert len(tok.encode(prompt)) <= conversation.token_upper_bound(msgs)
+
+
+def test_stop_with_nothing_running_says_so(launched):
+    """A Stop that finds no reply of this chat running must not claim it stopped one (new-user trial)."""
+    url, _, _ = launched
+    note, _ = Client(url, verbose=False).predict([], api_name="/stop")
+    assert "Stopped" not in note and "nothing" in note.lower()

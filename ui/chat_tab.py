@@ -206,7 +206,7 @@ def build_chat_tab(
                 yield update
 
         async def stop_this(history, request: gr.Request):
-            note = await streaming.stop_reply(slot, request, TAB)
+            note = await streaming.stop_reply(slot, request, TAB, replies)
             kept, dropped = fit_for_browser(clean_history(history))
             return note, kept
 

@@ -191,7 +191,7 @@ def build_image_tab(
                 yield update
 
         async def stop_this(request: gr.Request) -> str:
-            return await streaming.stop_reply(slot, request, TAB)
+            return await streaming.stop_reply(slot, request, TAB, replies)
 
         async def clear_this(request: gr.Request):
             replies.replace(key(request), [])  # a running or waiting reply ends showing the cleared chat

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
 STOPPED = "⏹ Stopped: the reply above is as far as it got."
+NOTHING_TO_STOP = "Nothing is being written in this chat right now."
 WAIT_POLL_S = 0.5  # how often a reply that has no text yet checks whether it waits for a free slot
 BUSY = "A reply is still being written in this chat. Wait for it to finish, or press Stop."
 
@@ -106,6 +107,10 @@ class Replies:
 
     def busy(self, key: str) -> bool:
         return key in self._done
+
+    def active(self, key: str) -> bool:
+        """A reply of this chat is streaming, or accepted and about to start."""
+        return key in self._done or key in self._pending
 
     def check(self, key: str) -> None:
         """Refuse to start anything in a chat whose reply is still streaming."""
@@ -321,11 +326,12 @@ def reply_updates(engine: ChatEngine, history: list[dict], messages: list[dict],
     return stream_into(history, stream, notice, engine.active_sessions, getattr(engine.info, "capacity", 0))
 
 
-async def stop_reply(slot: EngineSlot, request: gr.Request | None, tab: str) -> str:
-    """Stop this browser's running reply on the tab now; the stats line says so."""
+async def stop_reply(slot: EngineSlot, request: gr.Request | None, tab: str, replies: Replies | None = None) -> str:
+    """Stop this browser's running reply on the tab now; the stats line says so (or that there was none)."""
+    running = replies is None or replies.active(chat_key(request, tab))  # before stopping ends it
     if slot.ready:
         await slot.engine.stop(session_id(request, tab))
-    return STOPPED
+    return STOPPED if running else NOTHING_TO_STOP
 
 
 def export_file(history: list[dict], fmt: str, scratch: Scratch, session: str) -> str:
