@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 
 log = logging.getLogger("app")
@@ -21,6 +22,8 @@ def configure_logging(level: str) -> None:
     )
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Gradio 6.17's queue route names a status code Starlette deprecated: one warning per request otherwise
+    warnings.filterwarnings("ignore", message=".*HTTP_422_UNPROCESSABLE_ENTITY.*")
 
 
 def planned_specs(cfg) -> list:
