@@ -7,6 +7,7 @@ no such switch.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 
 def main() -> int:
@@ -15,6 +16,8 @@ def main() -> int:
 
     fixed = turbomind.generation_config
     turbomind.generation_config = lambda s: fixed(dataclasses.replace(s, ignore_eos=True))
+    if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
+        app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()
 
 
