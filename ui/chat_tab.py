@@ -12,10 +12,10 @@ import json
 
 import gradio as gr
 
-from model_loader.engines.seam import GenSettings, ignored_settings
+from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.conversation import settings_note, text_of, to_engine_messages
+from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
 from ui.user_text import clean, clean_history, shown, typed, typed_history
 
@@ -68,7 +68,6 @@ async def stream_reply(
     messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
     window = engine.info.session_len or 8192
     messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens)
-    notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
     updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB)
     async for update in replies.stream(key, updates):
         yield update
@@ -254,7 +253,7 @@ def build_chat_tab(
         KEEP = (gr.skip(),)  # the saved conversation stays as it is while a reply streams
 
         async def reply_then_save(history, system_prompt, sampling, request):
-            """The rest of every turn once its check passed: stream, then save and give the controls back."""
+            """The rest of every turn once its check passed: stream, then save (the page gives the controls back)."""
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
                 yield (gr.skip(), current, line, *KEEP)

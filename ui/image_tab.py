@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from model_loader.engines.seam import GenSettings, ignored_settings
+from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.conversation import is_image_message, settings_note, to_vision_messages
+from ui.conversation import is_image_message, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
 from ui.images import ShrunkImages, load_image
@@ -62,19 +62,15 @@ def add_question(question: str, history: list[dict], image) -> tuple[str, list[d
 async def stream_image_reply(
     slot: EngineSlot,
     max_pixels: int,
+    shrunk: ShrunkImages,
+    replies: streaming.Replies,
     image,
     history: list[dict],
-    temperature: float,
-    max_new_tokens: int,
+    sampling: tuple,
     request: gr.Request,
-    replies: streaming.Replies | None = None,
-    top_p: float = GenSettings.top_p,
-    top_k: int = GenSettings.top_k,
-    repetition_penalty: float = GenSettings.repetition_penalty,
-    seed: int = GenSettings.seed,
-    shrunk: ShrunkImages | None = None,
 ):
-    """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat)."""
+    """Stream LLaVA's answer to the last question about `image` (one reply at a time per chat); `sampling` is the
+    sliders' values in settings_from's order."""
     engine = streaming.engine_or_error(slot)
     history = clean_history(history)
     path = path_of(image)
@@ -84,22 +80,19 @@ async def stream_image_reply(
     streaming.require_question(
         asked, "Ask a question about the image first.", "Please type a question about the image.", "Empty question"
     )
-    replies = replies or streaming.Replies()
 
     async def updates():
         try:
-            load = shrunk.load if shrunk is not None else load_image
-            img = await asyncio.to_thread(load, path, max_pixels)  # decoding must not hold up the event loop
+            img = await asyncio.to_thread(shrunk.load, path, max_pixels)  # decoding must not hold up the event loop
         except BadInput as e:
             raise streaming.show_error(e) from e
-        settings = streaming.settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+        settings = streaming.settings_from(*sampling)
         messages = to_vision_messages(typed_history(history), img, reserved=engine.info.reserved)
         messages, notice = await streaming.fit_messages(
             engine, messages, engine.info.session_len or 4096, settings.max_new_tokens
         )
         if not any(isinstance(m["content"], list) for m in messages):  # the image itself was trimmed away
             messages[-1]["content"] = [{"type": "text", "text": messages[-1]["content"]}, {"type": "image", "image": img}]
-        notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
         async for update in streaming.reply_updates(engine, history, messages, settings, notice, request, TAB):
             yield update
 
@@ -184,10 +177,8 @@ def build_image_tab(
             return out
 
         async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):
-            async for update in stream_image_reply(
-                slot, max_pixels, image, history, temperature, max_new_tokens, request, replies,
-                top_p, top_k, repetition_penalty, seed, shrunk,
-            ):  # fmt: skip
+            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            async for update in stream_image_reply(slot, max_pixels, shrunk, replies, image, history, sampling, request):
                 yield update
 
         async def stop_this(request: gr.Request) -> str:

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 import gradio as gr
 
-from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats
+from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats, ignored_settings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
-from ui.conversation import format_stats, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
+from ui.conversation import format_stats, settings_note, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
 from ui.files import Scratch
 from ui.user_text import typed
 
@@ -321,7 +321,9 @@ def require_question(history: list[dict], nothing: str, empty: str, empty_title:
 
 def reply_updates(engine: ChatEngine, history: list[dict], messages: list[dict], settings: GenSettings, notice: str,
                   request: gr.Request | None, tab: str) -> AsyncIterator[tuple[list[dict], str]]:  # fmt: skip
-    """Start the engine on this browser's session for the tab and fill the chat from it."""
+    """Start the engine on this browser's session for the tab and fill the chat from it; the stats line also says
+    which sliders the chosen settings make do nothing."""
+    notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
     stream = engine.stream(session_id(request, tab), messages, settings)
     return stream_into(history, stream, notice, engine.active_sessions, getattr(engine.info, "capacity", 0))
 
