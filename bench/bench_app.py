@@ -44,6 +44,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--burst", type=int, default=32, help="brand-new visitors at once (0: skip)")
     ap.add_argument("--api-server", action="store_true", help="also measure `lmdeploy serve api_server`")
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
+    ap.add_argument(
+        "--app-backend",
+        choices=("turbomind", "api_server"),
+        default="turbomind",
+        help="api_server: the app's text engine in its own process (`lmdeploy serve api_server`, the app's engine "
+        "settings), the app as its client; text only",
+    )
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
     ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
     ap.add_argument("--history-tokens", type=int, default=0, help="also: --case-users users with conversations this long")
@@ -56,9 +63,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def start_app(log_path, gradio_profile: bool = False) -> subprocess.Popen:
+def start_app(log_path, gradio_profile: bool = False, server_url: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
     cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
+    if server_url:
+        cmd += ["--backend", "api_server", "--text-server-url", server_url, "--no-enable-vision"]
     with open(log_path, "w") as log:
         return subprocess.Popen(
             cmd, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=log, stderr=subprocess.STDOUT
@@ -209,12 +218,9 @@ def raw_reference(a: argparse.Namespace) -> dict:
     return {"error": (p.stderr or p.stdout)[-1500:], "rc": p.returncode}
 
 
-def api_server_reference(a: argparse.Namespace) -> dict:
-    """`lmdeploy serve api_server` with the app's engine settings, and the app's own client over it."""
-    import httpx  # noqa: PLC0415
-
+def start_api_server(log_path) -> subprocess.Popen:
+    """`lmdeploy serve api_server` over the text checkpoint with the app's text engine settings."""
     from model_loader.config import AppConfig  # noqa: PLC0415
-    from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
     from model_loader.engines.lmdeploy_config import turbomind_config  # noqa: PLC0415
 
     e = turbomind_config(as_the_app_builds(AppConfig(text_model=str(TEXT))), "text", awq=True)
@@ -222,18 +228,33 @@ def api_server_reference(a: argparse.Namespace) -> dict:
     cmd += ["--model-format", "awq", "--cache-max-entry-count", str(e.cache_max_entry_count), "--enable-prefix-caching"]
     cmd += ["--max-batch-size", str(e.max_batch_size), "--session-len", str(e.session_len), "--quant-policy", str(e.quant_policy)]
     cmd += ["--server-name", "127.0.0.1", "--server-port", str(API_PORT), "--log-level", "WARNING"]
-    with open(OUT / "api_server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_api_server(url: str, timeout_s: float = 240) -> None:
+    import httpx  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no api_server at {url} after {timeout_s} s")
+
+
+def api_server_reference(a: argparse.Namespace) -> dict:
+    """`lmdeploy serve api_server` with the app's engine settings, and the app's own client over it."""
+    from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
+
     url = f"http://127.0.0.1:{API_PORT}"
+    t0 = time.perf_counter()
+    proc = start_api_server(OUT / "api_server.log")
     try:
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 240:
-            try:
-                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_api_server(url)
 
         async def everything() -> dict:
             eng = ApiServerEngine("text", url)
@@ -326,7 +347,12 @@ def main(argv: list[str] | None = None) -> None:
 
     mem = gpu_memory()
     results: dict = {"gpu": mem.name if mem else "no GPU", "args": {k: v for k, v in vars(a).items() if k != "users_list"}}
-    proc = start_app(OUT / "app.log", a.gradio_profile)
+    server = None
+    if a.app_backend == "api_server":
+        a.no_image = True
+        server = start_api_server(OUT / "app_api_server.log")
+        wait_api_server(f"http://127.0.0.1:{API_PORT}")
+    proc = start_app(OUT / "app.log", a.gradio_profile, f"http://127.0.0.1:{API_PORT}" if server else "")
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))
         results["app"] = app_runs(a, proc.pid)
@@ -340,8 +366,10 @@ def main(argv: list[str] | None = None) -> None:
                 results["image"] = {"error": repr(e)[:300]}
         save("app.json", results)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for p in (proc, server):
+            if p is not None:
+                p.terminate()
+                p.wait(60)
     results["raw"] = raw_reference(a)
     save("app.json", results)
     if a.api_server:

@@ -12,10 +12,12 @@ import os
 
 def main() -> int:
     import app  # noqa: PLC0415
-    from model_loader.engines import turbomind  # noqa: PLC0415
+    from model_loader.engines import api_server, turbomind  # noqa: PLC0415
 
     fixed = turbomind.generation_config
     turbomind.generation_config = lambda s: fixed(dataclasses.replace(s, ignore_eos=True))
+    payload = api_server.openai_payload  # the same for the app over an api_server (bench_app --app-backend)
+    api_server.openai_payload = lambda s: payload(dataclasses.replace(s, ignore_eos=True))
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

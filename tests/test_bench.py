@@ -202,10 +202,11 @@ def test_raw_references_build_the_app_s_text_engine_config(monkeypatch, tmp_path
         assert (e.quant_policy, e.cache_max_entry_count) == (policy, AppConfig().text_kv_ratio)
 
 
-def test_a_streamed_update_rebuilds_at_most_two_components(launched, monkeypatch):
+def test_a_turn_rebuilds_no_component(launched, monkeypatch):
     """Gradio 6 rebuilds a component for every gr.skip()/gr.update() output of every streamed update (~0.5 ms each,
-    on the interpreter the engine shares): at 32 users that cost more than the chat itself (issue 14). A turn keeps
-    two outputs aside while it streams: the message box and the conversation saved in the browser."""
+    on the interpreter the engine shares): at 32 users that cost more than the chat itself (issue 14; a CPU profile
+    of 8 users put a third of the server's time there when a turn kept two outputs aside that way). A turn streams
+    values only: the box is emptied in the page, and the saved conversation passes through unchanged until the end."""
     import gradio.blocks
 
     from bench.pages import users_on_pages
@@ -215,10 +216,13 @@ def test_a_streamed_update_rebuilds_at_most_two_components(launched, monkeypatch
     text.delay_s = 0.01
     rebuilt = []
     real = gradio.blocks.postprocess_update_dict
-    monkeypatch.setattr(gradio.blocks, "postprocess_update_dict", lambda **kw: rebuilt.append(1) or real(**kw))
-    turns, _, _ = asyncio.run(users_on_pages(url, 1, 1, 256))
-    assert turns[0]["updates"] >= 10 and not turns[0]["error"]
-    assert len(rebuilt) <= 2 * turns[0]["updates"] + 2, (len(rebuilt), turns[0]["updates"])
+    monkeypatch.setattr(
+        gradio.blocks, "postprocess_update_dict", lambda **kw: rebuilt.append(type(kw["block"]).__name__) or real(**kw)
+    )
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 2, 256))
+    assert all(t["updates"] >= 10 and not t["error"] for t in turns), turns
+    page_load = {"Button", "Timer"}  # the load event turns Send on and the status timer off: once per page
+    assert not [name for name in rebuilt if name not in page_load], (rebuilt, [t["updates"] for t in turns])
 
 
 def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):

@@ -248,59 +248,62 @@ def build_chat_tab(
         lock = streaming.interactive_js(False, True, False)  # Send and Regenerate off, Stop on
         unlock_in_page = streaming.interactive_js(True, False, True, ready_banner="#chat-status")
 
-        # Gradio 6 rebuilds a component for every gr.skip()/gr.update() in every streamed update (~0.5 ms each), so
-        # a turn streams into four outputs only, and the buttons are given back in the page when it ends
-        KEEP = (gr.skip(),)  # the saved conversation stays as it is while a reply streams
+        # Gradio 6 rebuilds a component for every gr.skip()/gr.update() output of every streamed update (~0.5 ms
+        # each; a third of the server's time at 8 users on CPU), so a turn streams plain values only. The message box
+        # is emptied in the page when `sent` changes (a State's skip costs nothing), the saved conversation comes in
+        # and goes back unchanged until the end, and the buttons are given back in the page when the turn ends.
+        sent = gr.State(0)  # messages this page has sent
+        sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
 
-        async def reply_then_save(history, system_prompt, sampling, request):
+        async def reply_then_save(history, system_prompt, sampling, saved_value, request):
             """The rest of every turn once its check passed: stream, then save (the page gives the controls back)."""
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
-                yield (gr.skip(), current, line, *KEEP)
+                yield (gr.skip(), current, line, saved_value)
             kept, shown_line = save(current, line)
             yield (gr.skip(), current, shown_line, kept)
 
         async def send_turn(
             message, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            request: gr.Request,
+            sent_before, saved_value, request: gr.Request,
         ):  # fmt: skip
             """Enter and Send in one server event. A refusal comes before anything changes, so the message stays
             in the box to fix."""
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             engine = streaming.engine_or_error(slot)
             replies.check(key(request))
-            out, history = add_user_message(message, history)
+            _, history = add_user_message(message, history)
             # too long even alone (with the system prompt): refused before it enters the chat
             alone = to_engine_messages([{"role": "user", "content": clean(message)}], clean(system_prompt or ""),
                                        reserved=engine.info.reserved)  # fmt: skip
             await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
             replies.accepted(key(request))
-            yield (out, history, "…", *KEEP)
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            yield (sent_before + 1, history, "…", saved_value)  # the page empties the box
+            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
                 yield update
 
         async def regenerate_turn(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            request: gr.Request,
+            sent_before, saved_value, request: gr.Request,
         ):  # fmt: skip
             """Regenerate and the chat's Retry: answer the last question again."""
             streaming.engine_or_error(slot)
             history = regenerate(history, request)
-            yield (gr.skip(), history, "…", *KEEP)
+            yield (gr.skip(), history, "…", saved_value)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
                 yield update
 
         async def edit_turn(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            edit: gr.EditData, request: gr.Request,
+            sent_before, saved_value, edit: gr.EditData, request: gr.Request,
         ):  # fmt: skip
             """An edited message: the conversation up to it, answered again."""
             streaming.engine_or_error(slot)
             history = edited(history, edit, request)
-            yield (gr.skip(), history, "…", *KEEP)
+            yield (gr.skip(), history, "…", saved_value)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
                 yield update
 
         def turn(triggers, fn, inputs):
@@ -312,8 +315,8 @@ def build_chat_tab(
             ev = gr.on(
                 triggers,
                 streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip())),
-                inputs,
-                [msg, chatbot, stats, saved],
+                [*inputs, sent, saved],
+                [sent, chatbot, stats, saved],
                 api_visibility="private",  # the page's own event (refusals are toasts): scripts use /add_message and /chat
                 concurrency_limit=None,
                 concurrency_id="turns",
