@@ -7,7 +7,36 @@ no such switch.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
+import logging
 import os
+import threading
+import time
+
+
+def log_gc_pauses(every_s: float = 10.0) -> None:
+    """Every `every_s`, one log line: collections per generation, their total and longest pause (ms), and the
+    objects tracked and frozen (bench_app reads them from the app's log)."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    began = [0.0]
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - began[0])
+
+    def report() -> None:
+        while True:
+            time.sleep(every_s)
+            summary = {g: [len(p), round(1000 * sum(p), 1), round(1000 * max(p, default=0), 1)] for g, p in pauses.items()}
+            logging.getLogger("bench.gc").warning(
+                "GC %s tracked=%d frozen=%d", json.dumps(summary), len(gc.get_objects()), gc.get_freeze_count()
+            )
+
+    gc.callbacks.append(timed)
+    threading.Thread(target=report, name="gc-report", daemon=True).start()
 
 
 def main() -> int:
@@ -18,6 +47,10 @@ def main() -> int:
     turbomind.generation_config = lambda s: fixed(dataclasses.replace(s, ignore_eos=True))
     payload = api_server.openai_payload  # the same for the app over an api_server (bench_app --app-backend)
     api_server.openai_payload = lambda s: payload(dataclasses.replace(s, ignore_eos=True))
+    if os.environ.get("BENCH_GC_LOG"):
+        log_gc_pauses()
+    if os.environ.get("BENCH_GC_FREEZE") == "0":  # A/B of freezing the heap once the engines are built
+        app.freeze_heap_after = lambda startup: None
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import threading
+import time
 
 import app
 
@@ -33,6 +36,46 @@ def test_serving_hands_the_interpreter_back_to_the_web_server_quickly(monkeypatc
         assert app.serve(object(), {}) == 0
         assert demo.seen <= 0.001
     finally:
+        sys.setswitchinterval(before)
+
+
+def test_once_the_engines_are_built_a_full_collection_no_longer_walks_them(monkeypatch):
+    """lmdeploy, torch and transformers leave a heap of long-lived objects; every full collection walked all of
+    them while holding the interpreter, so every stream stood still meanwhile (issue 14). Once the engines are
+    built, what is alive then is frozen out of collections; not before, while they are still being built."""
+    import model_loader.startup
+    import ui.page
+
+    built = threading.Event()
+
+    class SlowStartup:
+        def __init__(self, cfg, env):
+            self.slots, self.system_info = {}, dict
+
+        def start(self):
+            t = threading.Thread(target=built.wait, args=(10,), daemon=True)
+            t.start()
+            return t
+
+    class NoDemo:
+        def launch(self, **kw):
+            pass
+
+    monkeypatch.setattr(model_loader.startup, "Startup", SlowStartup)
+    monkeypatch.setattr(ui.page, "build_demo", lambda slots, cfg, info: (NoDemo(), None))
+    monkeypatch.setattr(ui.page, "launch_kwargs", lambda cfg, i18n: {})
+    before = sys.getswitchinterval()
+    gc.unfreeze()
+    try:
+        assert app.serve(object(), {}) == 0
+        assert gc.get_freeze_count() == 0, "frozen before the engines were built"
+        built.set()
+        deadline = time.monotonic() + 10
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
         sys.setswitchinterval(before)
 
 
