@@ -27,13 +27,16 @@ def log_gc_pauses(every_s: float = 10.0) -> None:
         else:
             pauses[info["generation"]].append(time.perf_counter() - began[0])
 
+    out = logging.getLogger("bench.gc")  # its own handler: lmdeploy and transformers change the root logger
+    out.addHandler(logging.StreamHandler())
+    out.setLevel(logging.INFO)
+    out.propagate = False
+
     def report() -> None:
         while True:
             time.sleep(every_s)
             summary = {g: [len(p), round(1000 * sum(p), 1), round(1000 * max(p, default=0), 1)] for g, p in pauses.items()}
-            logging.getLogger("bench.gc").warning(
-                "GC %s tracked=%d frozen=%d", json.dumps(summary), len(gc.get_objects()), gc.get_freeze_count()
-            )
+            out.info("GC %s tracked=%d frozen=%d", json.dumps(summary), len(gc.get_objects()), gc.get_freeze_count())
 
     gc.callbacks.append(timed)
     threading.Thread(target=report, name="gc-report", daemon=True).start()

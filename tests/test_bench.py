@@ -225,6 +225,32 @@ def test_a_turn_rebuilds_no_component(launched, monkeypatch):
     assert not [name for name in rebuilt if name not in page_load], (rebuilt, [t["updates"] for t in turns])
 
 
+def test_a_streamed_update_costs_the_same_however_long_the_conversation(launched, monkeypatch):
+    """Gradio's Chatbot.postprocess deep-copies every message and builds a model for it, at every streamed update:
+    with 20 turns of history a turn's cost grew with each turn (issue 14's long conversations). A turn now renders
+    the messages it did not change once, not at every update."""
+    import gradio as gr
+
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    text.reply_for = lambda messages: " ".join(["word"] * 120)
+    text.delay_s = 0.01
+    history = []
+    for i in range(20):
+        history += [
+            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 20}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i} " * 60}]},
+        ]
+    rendered = []
+    real = gr.Chatbot._postprocess
+    monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: rendered.append(1) or real(self, m))
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 1, 256, histories=[history]))
+    assert turns[0]["updates"] >= 10 and not turns[0]["error"], turns
+    # each message of the history once, the new question and the growing answer at each update
+    assert len(rendered) <= len(history) + 3 * turns[0]["updates"], (len(rendered), turns[0]["updates"])
+
+
 def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):
     """The page's status timer ticks while an engine is on its way and stops once both are ready or failed: a page
     opened during start-up still sees the engine arrive (issue 14: idle pages; review: a missed transition)."""

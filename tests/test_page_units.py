@@ -189,3 +189,31 @@ def test_concurrency_per_engine_can_follow_what_its_cache_holds():
     demo, _ = build_demo(st.slots, st.cfg, st.system_info, concurrency={"text": 5})
     limits = {fn.concurrency_id: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id in ("text", "vision")}
     assert limits == {"text": 5, "vision": 8}
+
+
+def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkeypatch):
+    """The turn events send values they rendered themselves (postprocess=False): they must be exactly what the
+    Chatbot and Markdown's own postprocess make, and an update must not render the unchanged messages again."""
+    import gradio as gr
+
+    from ui.rendered import Rendered
+
+    chatbot, stats = gr.Chatbot(render=False), gr.Markdown(render=False)
+    history = [
+        {"role": "user", "content": "\u2060  indented\n    more\n"},
+        {"role": "assistant", "content": [{"type": "text", "text": "**bold** answer"}]},
+        {"role": "user", "content": [{"type": "text", "text": "next"}]},
+        {"role": "assistant", "content": ""},  # Gradio leaves an empty message out
+    ]
+    render = Rendered(chatbot, stats)
+    assert render.chat(history) == chatbot.postprocess(history).model_dump()
+    assert render.line("  12 tokens · 3.1 s \n") == stats.postprocess("  12 tokens · 3.1 s \n")
+    assert render.chat(gr.skip()) == gr.skip() and render.line(gr.skip()) == gr.skip()
+
+    grown = history[:-1] + [{"role": "assistant", "content": "the answer so far"}]
+    expected = chatbot.postprocess(grown).model_dump()
+    calls = []
+    real = gr.Chatbot._postprocess
+    monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: calls.append(m) or real(self, m))
+    assert render.chat(grown) == expected
+    assert [m["content"] for m in calls] == ["the answer so far"]

@@ -17,6 +17,7 @@ from model_loader.engines.slot import EngineSlot
 from ui import streaming
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
+from ui.rendered import rendered_turn
 from ui.user_text import clean, clean_history, shown, typed, typed_history
 
 DEFAULT_SYSTEM = (
@@ -312,11 +313,13 @@ def build_chat_tab(
             the stats line says so. The page locks its controls at once and gives them back when the event ends,
             however it ends, without asking the server."""
             gr.on(triggers, None, None, buttons, js=lock, api_visibility="private", queue=False)
+            page_turn = streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip()))
             ev = gr.on(
                 triggers,
-                streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip())),
+                rendered_turn(page_turn, chatbot, stats),  # renders its own updates, unchanged messages once
                 [*inputs, sent, saved],
                 [sent, chatbot, stats, saved],
+                postprocess=False,
                 api_visibility="private",  # the page's own event (refusals are toasts): scripts use /add_message and /chat
                 concurrency_limit=None,
                 concurrency_id="turns",

@@ -1,0 +1,53 @@
+"""A streamed turn's outputs in the form the page receives, made by the components' own postprocess once per
+message rather than once per update.
+
+Gradio postprocesses every output of every streamed update: for the Chatbot that is a deep copy and a pydantic model
+for each message of the history, plus a worker-thread hop for each output. A turn's updates differ in their last
+message only, so the turn events run with `postprocess=False` and send what `Rendered` makes: the same values,
+with the unchanged messages rendered once (issue 14: the cost of an update grew with the conversation).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import gradio as gr
+from gradio.utils import is_prop_update
+
+
+class Rendered:
+    """One turn's renderer: the chat through `chatbot.postprocess`, message by message with the results kept, and
+    the stats line through `stats.postprocess`. Updates (gr.skip()) pass as they are."""
+
+    def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown) -> None:
+        self.chatbot, self.stats = chatbot, stats
+        self._messages: list[tuple[dict, list[dict]]] = []  # by position: the message, what it renders to
+
+    def chat(self, history):
+        if is_prop_update(history):
+            return history
+        out = []
+        for i, message in enumerate(history):
+            kept = self._messages[i] if i < len(self._messages) else None
+            if kept is None or not (kept[0] is message or kept[0] == message):
+                kept = (message, self.chatbot.postprocess([message]).model_dump())
+                self._messages[i:] = [kept]  # what follows a changed message is rendered again too
+            out.extend(kept[1])
+        return out
+
+    def line(self, text):
+        return text if is_prop_update(text) else self.stats.postprocess(text)
+
+
+def rendered_turn(turn: Callable, chatbot: gr.Chatbot, stats: gr.Markdown) -> Callable:
+    """A page turn yielding (sent, history, stats line, saved), its history and line rendered by a `Rendered` of
+    its own; register it with `postprocess=False`. State and BrowserState values need no rendering."""
+
+    @functools.wraps(turn)  # Gradio reads the signature (gr.Request, gr.EditData) through the wrapper
+    async def page_turn(*args, **kwargs):
+        render = Rendered(chatbot, stats)
+        async for sent, history, line, saved in turn(*args, **kwargs):
+            yield sent, render.chat(history), render.line(line), saved
+
+    return page_turn
