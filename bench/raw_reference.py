@@ -79,10 +79,12 @@ def main() -> None:
     from model_loader.config import AppConfig  # noqa: PLC0415
     from model_loader.engines.lmdeploy_config import generation_config, turbomind_config  # noqa: PLC0415
     from model_loader.engines.seam import GenSettings  # noqa: PLC0415
+    from model_loader.engines.turbomind import keep_special_ids  # noqa: PLC0415
 
     cfg = as_the_app_builds(AppConfig(text_model=str(TEXT)))  # the app's text engine: its ratio, "auto" resolved
     engine_cfg = turbomind_config(cfg, "text", awq=True)
     pipe = pipeline(str(TEXT), backend_config=engine_cfg, log_level="WARNING")
+    keep_special_ids(pipe.tokenizer)  # as the app's engine does: like for like
     gen = generation_config(GenSettings(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True))
     measure(pipe, gen, 1, 1)  # warm-up
     users = [int(x) for x in a.users.split(",") if x]

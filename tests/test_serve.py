@@ -64,7 +64,7 @@ def test_once_the_engines_are_built_a_full_collection_no_longer_walks_them(monke
     monkeypatch.setattr(model_loader.startup, "Startup", SlowStartup)
     monkeypatch.setattr(ui.page, "build_demo", lambda slots, cfg, info: (NoDemo(), None))
     monkeypatch.setattr(ui.page, "launch_kwargs", lambda cfg, i18n: {})
-    before = sys.getswitchinterval()
+    before, thresholds = sys.getswitchinterval(), gc.get_threshold()
     gc.unfreeze()
     try:
         assert app.serve(object(), {}) == 0
@@ -74,8 +74,10 @@ def test_once_the_engines_are_built_a_full_collection_no_longer_walks_them(monke
         while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[2] >= 100, "full collections as frequent as ever"
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
         sys.setswitchinterval(before)
 
 

@@ -87,3 +87,33 @@ def test_image_parts_become_lmdeploy_image_data():
     img = object()
     out = to_lmdeploy_messages([{"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "image", "image": img}]}])
     assert out[0]["content"][1] == {"type": "image_data", "image_data": {"data": img}}
+
+
+def test_detokenizing_a_reply_does_not_recompute_the_special_tokens_at_every_token(tiny_models, monkeypatch):
+    """transformers rebuilds `all_special_ids` at every access, and lmdeploy's incremental detokenizer asks for it
+    for every token of every reply: 17 % of the interpreter at 32 users on the H200 (issue 14). The engine keeps
+    the list it had when built; the text it produces stays the same, special tokens still left out."""
+    from lmdeploy.tokenizer import DetokenizeState, Tokenizer
+    from transformers.tokenization_utils_base import SpecialTokensMixin
+
+    from model_loader.engines.turbomind import keep_special_ids
+
+    def detokenize(tok, ids):
+        state, text = DetokenizeState(), ""
+        for n in range(1, len(ids) + 1):
+            piece, state = tok.detokenize_incrementally(ids[:n], state, skip_special_tokens=True)
+            text += piece
+        return text
+
+    plain = Tokenizer(str(tiny_models["awq"]))
+    ids = plain.encode("hello there, how are you today?", add_bos=False)
+    ids = ids[:3] + list(plain.model.model.all_special_ids)[:2] + ids[3:]
+    expected = detokenize(plain, ids)
+
+    tok = Tokenizer(str(tiny_models["awq"]))
+    keep_special_ids(tok)
+    real = SpecialTokensMixin.all_special_tokens
+    counted = []
+    monkeypatch.setattr(SpecialTokensMixin, "all_special_tokens", property(lambda self: counted.append(1) or real.fget(self)))
+    assert detokenize(tok, ids) == expected
+    assert not counted, f"the special tokens were rebuilt {len(counted)} times for {len(ids)} tokens"
