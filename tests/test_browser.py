@@ -341,6 +341,37 @@ def test_a_refusal_leaves_the_conversation_in_view(page):
     assert pg.input_value("#image-question textarea") == "what is this?"  # kept, to ask once the image is there
 
 
+def edit_first_message(pg, text: str) -> None:
+    pg.locator("#chatbot .message-row").nth(0).hover()
+    pg.locator("#chatbot button[aria-label='Edit']").first.click()
+    pg.locator("#chatbot textarea").first.fill(text)
+    pg.locator("#chatbot button[aria-label='Submit']").click()
+
+
+def test_an_edit_answers_again_and_a_refused_edit_puts_the_message_back(page, engines):
+    """An edited question is answered again from there; an edit to nothing is refused, and the page, which shows
+    the edit already, gets the question back (the new-user trial lost the turn: a blank bubble stayed, was saved,
+    and was sent with the next message)."""
+    pg, (text, _) = page, engines
+    type_and_enter(pg, "abc")
+    page_has(pg, "You said: abc", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    edit_first_message(pg, "   ")
+    page_has(pg, "Please type a message first")
+    pg.wait_for_function(
+        "document.querySelector('#chatbot .user-row')?.innerText.replace(/\\u2060/g, '').trim() === 'abc'"
+    )
+    wait_enabled(pg, "#chat-send")
+    calls = len(text.calls)
+    type_and_enter(pg, "next")
+    page_has(pg, "You said: next", "#chatbot")
+    assert [m["content"] for m in text.calls[calls][1] if m["role"] == "user"] == ["abc", "next"]
+    wait_enabled(pg, "#chat-send")
+    edit_first_message(pg, "xyz")
+    page_has(pg, "You said: xyz", "#chatbot")
+    assert "next" not in pg.locator("#chatbot").inner_text()
+
+
 def test_a_message_too_long_stays_in_the_box_to_shorten(page):
     pg = page
     long = "x " * 20_000

@@ -106,6 +106,14 @@ def edit_message(history: list[dict], edit: gr.EditData) -> list[dict]:
     return history
 
 
+def unedited(history: list[dict], edit: gr.EditData) -> list[dict]:
+    """The conversation with the edited message as it was before the edit."""
+    history = list(history)
+    if isinstance(edit.index, int) and 0 <= edit.index < len(history):
+        history[edit.index] = {**history[edit.index], "content": edit.previous_value}
+    return history
+
+
 def fit_for_browser(history: list[dict], budget: int | None = None) -> tuple[list[dict], int]:
     """The newest whole turns whose JSON fits `budget` bytes (SAVE_BUDGET_BYTES), and how many were left out."""
     budget = SAVE_BUDGET_BYTES if budget is None else budget
@@ -299,9 +307,14 @@ def build_chat_tab(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
             sent_before, saved_value, edit: gr.EditData, request: gr.Request,
         ):  # fmt: skip
-            """An edited message: the conversation up to it, answered again."""
+            """An edited message: the conversation up to it, answered again. The page shows the edit already, so a
+            refused one puts the message back first."""
             streaming.engine_or_error(slot)
-            history = edited(history, edit, request)
+            try:
+                history = edited(history, edit, request)
+            except gr.Error:
+                yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
+                raise
             yield (gr.skip(), history, "…", saved_value)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
