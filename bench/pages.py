@@ -70,7 +70,6 @@ class Page:
         self.after_send = [d for d in steps if d.get("backend_fn") and not d.get("trigger_only_on_failure")]
         self.timers = timers(config)
         self.ticks = deps_where(config, "tick")
-        self.saved = None  # the conversation kept in the browser (BrowserState): none yet
 
     def _follow_timers(self, dep: dict, outputs: list) -> None:
         """Timers an event's outputs turned on or off (gr.Timer(active=...)), as the page applies them."""
@@ -97,11 +96,9 @@ class Page:
         """Type a message and press Enter: first text is timed from the submit, as the user waits for it."""
         t0 = time.perf_counter()
         data = [text, history, "", 0.0, 0.8, 40, max_new, 1.0, 0]
-        data += [None, self.saved][: len(self.send_dep["inputs"]) - len(data)]  # a State sends null; the saved chat
+        data += [None] * (len(self.send_dep["inputs"]) - len(data))  # the page's State (`sent`) sends null
         call = await stream_call(self.http, self.url, self.send, data, self.session, chat_output=1)
         outputs = call["outputs"] or [None, history]
-        if len(outputs) > 3 and outputs[3] is not None:
-            self.saved = outputs[3]  # what the browser keeps, and sends with its next turn
         self._follow_timers(self.send_dep, outputs)
         for dep in self.after_send:
             await self.predict(dep["id"], input_defaults(self.config, dep))

@@ -358,9 +358,7 @@ def test_an_edit_answers_again_and_a_refused_edit_puts_the_message_back(page, en
     wait_enabled(pg, "#chat-send")
     edit_first_message(pg, "   ")
     page_has(pg, "Please type a message first")
-    pg.wait_for_function(
-        "document.querySelector('#chatbot .user-row')?.innerText.replace(/\\u2060/g, '').trim() === 'abc'"
-    )
+    pg.wait_for_function("document.querySelector('#chatbot .user-row')?.innerText.replace(/\\u2060/g, '').trim() === 'abc'")
     wait_enabled(pg, "#chat-send")
     calls = len(text.calls)
     type_and_enter(pg, "next")
@@ -442,6 +440,34 @@ def test_reload_keeps_the_newest_turns_when_storage_is_short(page, engines, monk
     ready(pg)
     page_has(pg, "You said: turn 3", "#chatbot")
     assert "remember this line" not in pg.inner_text("#chatbot")
+
+
+def test_a_turn_writes_the_saved_conversation_once_and_a_reload_mid_reply_keeps_the_last(page, engines):
+    """The browser encrypts and writes the saved conversation whenever its value changes: a turn that sent it back
+    with every streamed update rewrote the whole conversation ~25 times a turn (review). It is written once, at the
+    end; a reload while a reply streams finds the conversation as it was before that turn."""
+    pg, (text, _) = page, engines
+    pg.evaluate(
+        """() => { window.__writes = 0; const real = Storage.prototype.setItem;
+        Storage.prototype.setItem = function (k, v) {
+            if (k === 'internlm2-chat-history') window.__writes += 1; return real.call(this, k, v); }; }"""
+    )
+    type_and_enter(pg, "first question")
+    page_has(pg, "You said: first question", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    long_reply(text, words=100, delay_s=0.01)
+    type_and_enter(pg, "second question")
+    page_has(pg, "word99", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    pg.wait_for_timeout(300)
+    assert pg.evaluate("window.__writes") <= 4, f"{pg.evaluate('window.__writes')} writes for two turns"
+    long_reply(text, words=400, delay_s=0.02)
+    type_and_enter(pg, "third question")
+    page_has(pg, "word5", "#chatbot")
+    pg.reload()
+    ready(pg)
+    page_has(pg, "word99", "#chatbot")
+    assert "third question" not in pg.inner_text("#chatbot")
 
 
 def test_the_save_budget_fits_the_browsers_storage(page):

@@ -259,22 +259,24 @@ def build_chat_tab(
 
         # Gradio 6 rebuilds a component for every gr.skip()/gr.update() output of every streamed update (~0.5 ms
         # each; a third of the server's time at 8 users on CPU), so a turn streams plain values only. The message box
-        # is emptied in the page when `sent` changes (a State's skip costs nothing), the saved conversation comes in
-        # and goes back unchanged until the end, and the buttons are given back in the page when the turn ends.
+        # is emptied in the page when `sent` changes (a State's skip costs nothing); the saved conversation is None
+        # until the last update (BrowserState writes only a value, and writing it at every update re-encrypted the
+        # whole conversation each time); the buttons are given back in the page when the turn ends.
         sent = gr.State(0)  # messages this page has sent
         sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
+        UNSAVED = None  # the browser keeps the conversation it saved last
 
-        async def reply_then_save(history, system_prompt, sampling, saved_value, request):
+        async def reply_then_save(history, system_prompt, sampling, request):
             """The rest of every turn once its check passed: stream, then save (the page gives the controls back)."""
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
-                yield (gr.skip(), current, line, saved_value)
+                yield (gr.skip(), current, line, UNSAVED)
             kept, shown_line = save(current, line)
             yield (gr.skip(), current, shown_line, kept)
 
         async def send_turn(
             message, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            sent_before, saved_value, request: gr.Request,
+            sent_before, request: gr.Request,
         ):  # fmt: skip
             """Enter and Send in one server event. A refusal comes before anything changes, so the message stays
             in the box to fix."""
@@ -287,25 +289,25 @@ def build_chat_tab(
                                        reserved=engine.info.reserved)  # fmt: skip
             await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
             replies.accepted(key(request))
-            yield (sent_before + 1, history, "…", saved_value)  # the page empties the box
-            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
+            yield (sent_before + 1, history, "…", UNSAVED)  # the page empties the box
+            async for update in reply_then_save(history, system_prompt, sampling, request):
                 yield update
 
         async def regenerate_turn(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            sent_before, saved_value, request: gr.Request,
+            sent_before, request: gr.Request,
         ):  # fmt: skip
             """Regenerate and the chat's Retry: answer the last question again."""
             streaming.engine_or_error(slot)
             history = regenerate(history, request)
-            yield (gr.skip(), history, "…", saved_value)
+            yield (gr.skip(), history, "…", UNSAVED)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
+            async for update in reply_then_save(history, system_prompt, sampling, request):
                 yield update
 
         async def edit_turn(
             history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-            sent_before, saved_value, edit: gr.EditData, request: gr.Request,
+            sent_before, edit: gr.EditData, request: gr.Request,
         ):  # fmt: skip
             """An edited message: the conversation up to it, answered again. The page shows the edit already, so a
             refused one puts the message back first."""
@@ -315,9 +317,9 @@ def build_chat_tab(
             except gr.Error:
                 yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
                 raise
-            yield (gr.skip(), history, "…", saved_value)
+            yield (gr.skip(), history, "…", UNSAVED)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, saved_value, request):
+            async for update in reply_then_save(history, system_prompt, sampling, request):
                 yield update
 
         def turn(triggers, fn, inputs):
@@ -330,7 +332,7 @@ def build_chat_tab(
             ev = gr.on(
                 triggers,
                 rendered_turn(page_turn, chatbot, stats),  # renders its own updates, unchanged messages once
-                [*inputs, sent, saved],
+                [*inputs, sent],
                 [sent, chatbot, stats, saved],
                 postprocess=False,
                 api_visibility="private",  # the page's own event (refusals are toasts): scripts use /add_message and /chat
