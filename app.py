@@ -210,7 +210,8 @@ def freeze_heap_after(startup: threading.Thread | None) -> None:
     lmdeploy, torch and transformers leave ~740,000 long-lived objects, and a full collection walks every tracked
     object while holding the interpreter, so every stream stands still meanwhile: 25 full collections of up to
     508 ms in one bench run on the H200, with the heap already frozen (bench/results). `gc.freeze` is the standard
-    library's answer for a heap that lives as long as the process; the sessions' own objects stay collectable.
+    library's answer for a heap that lives as long as the process. Sessions opened later stay collectable; the few
+    opened while the engines load are frozen with them, so their cyclic garbage (not the rest) stays until exit.
     """
 
     def freeze() -> None:

@@ -117,3 +117,25 @@ def test_detokenizing_a_reply_does_not_recompute_the_special_tokens_at_every_tok
     monkeypatch.setattr(SpecialTokensMixin, "all_special_tokens", property(lambda self: counted.append(1) or real.fget(self)))
     assert detokenize(tok, ids) == expected
     assert not counted, f"the special tokens were rebuilt {len(counted)} times for {len(ids)} tokens"
+
+
+def test_a_tokenizer_that_keeps_its_special_ids_still_pickles_and_hands_out_copies(tiny_models):
+    """The review: the kept tokenizer's class lived only in this process, so pickling it failed, and every caller got
+    the same list to change. It pickles as the transformers class it was, and each read is a fresh list."""
+    import pickle
+
+    from lmdeploy.tokenizer import Tokenizer
+
+    from model_loader.engines.turbomind import keep_special_ids
+
+    tok = Tokenizer(str(tiny_models["awq"]))
+    base = type(tok.model.model)
+    keep_special_ids(tok)
+    hf = tok.model.model
+    ids = hf.all_special_ids
+    ids.append(-1)
+    assert -1 not in hf.all_special_ids
+    back = pickle.loads(pickle.dumps(hf))
+    assert type(back) is base and back.all_special_ids == hf.all_special_ids
+    some = tok.encode("hello there", add_bos=False)
+    assert back.decode(some) == hf.decode(some)

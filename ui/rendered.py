@@ -4,7 +4,8 @@ message rather than once per update.
 Gradio postprocesses every output of every streamed update: for the Chatbot that is a deep copy and a pydantic model
 for each message of the history, plus a worker-thread hop for each output. A turn's updates differ in their last
 message only, so the turn events run with `postprocess=False` and send what `Rendered` makes: the same values,
-with the unchanged messages rendered once (issue 14: the cost of an update grew with the conversation).
+with the unchanged messages rendered once. (Gradio still walks the whole chat once per update, to move files to its
+cache and to diff it against the last update; those are plain walks, without copies or models.)
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from gradio.utils import is_prop_update
 
 class Rendered:
     """One turn's renderer: the chat through `chatbot.postprocess`, message by message with the results kept, and
-    the stats line through `stats.postprocess`. Updates (gr.skip()) pass as they are."""
+    the stats line through `stats.postprocess`. Updates (gr.skip()) pass as they are.
+
+    The components are the ones built with the page, not a session's copy: nothing sends these two a gr.update, so
+    the copies would render the same. A message is rendered again when it is a different object that compares
+    unequal; the stream replaces the growing answer with a new dict at each update (ui.streaming.stream_into).
+    """
 
     def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown) -> None:
         self.chatbot, self.stats = chatbot, stats
         self._messages: list[tuple[dict, list[dict]]] = []  # by position: the message, what it renders to
 
-    def chat(self, history):
+    def chat(self, history: list[dict] | dict) -> list[dict] | dict:
+        """The history as the page receives it (Chatbot.postprocess, model_dump)."""
         if is_prop_update(history):
             return history
         out = []
@@ -36,7 +43,8 @@ class Rendered:
             out.extend(kept[1])
         return out
 
-    def line(self, text):
+    def line(self, text: str | dict) -> str | dict:
+        """The stats line as the page receives it (Markdown.postprocess)."""
         return text if is_prop_update(text) else self.stats.postprocess(text)
 
 

@@ -112,16 +112,34 @@ def reserved_strings(tokenizer, chat_template) -> tuple[str, ...]:
 def keep_special_ids(tokenizer) -> None:
     """Make lmdeploy's tokenizer answer `all_special_ids` from the list it has now.
 
-    transformers rebuilds that list at every access, and lmdeploy's incremental detokenizer asks for it for every
-    token of every reply (17 % of the interpreter at 32 users, bench/results). The special tokens do not change once
-    the pipeline is built. `tokenizer` is lmdeploy's Tokenizer; the HF tokenizer is its `.model.model`.
+    transformers rebuilds that list at every read, and its `convert_ids_to_tokens(skip_special_tokens=True)`, which
+    lmdeploy's incremental detokenizer calls for every step of every reply, reads it once per id: 17 % of the
+    interpreter at 32 users (bench/results). lmdeploy adds no tokens once the pipeline is built, so the list cannot
+    go stale. The tokenizer pickles as the transformers class it was. `tokenizer` is lmdeploy's Tokenizer; the HF
+    tokenizer is its `.model.model`.
     """
     hf = getattr(getattr(tokenizer, "model", None), "model", None)
     if hf is None or not hasattr(hf, "all_special_ids"):
         return  # not a transformers tokenizer: nothing to keep
-    ids = list(hf.all_special_ids)
-    cls = type(hf)
-    hf.__class__ = type(cls.__name__, (cls,), {"all_special_ids": property(lambda self: ids)})
+    hf._kept_special_ids = tuple(hf.all_special_ids)
+    hf.__class__ = _kept_class(type(hf))
+
+
+def _kept_class(base: type) -> type:
+    """`base` answering `all_special_ids` from `_kept_special_ids` (a fresh list per read), pickled as `base`."""
+
+    def reduce_ex(self, protocol):
+        return _rebuilt, (base, {k: v for k, v in self.__dict__.items() if k != "_kept_special_ids"})
+
+    attrs = {"all_special_ids": property(lambda self: list(self._kept_special_ids)), "__reduce_ex__": reduce_ex}
+    return type(f"Kept{base.__name__}", (base,), attrs)
+
+
+def _rebuilt(cls: type, state: dict):
+    """A pickled kept tokenizer, back as its transformers class."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 @dataclass(eq=False)
