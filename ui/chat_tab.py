@@ -266,8 +266,10 @@ def build_chat_tab(
         sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
         UNSAVED = None  # the browser keeps the conversation it saved last
 
-        async def reply_then_save(history, system_prompt, sampling, request):
-            """The rest of every turn once its check passed: stream, then save (the page gives the controls back)."""
+        async def answer(first, history, system_prompt, sampling, request):
+            """Every turn once its checks passed: show `first`, stream, then save (the page gives the controls back).
+            `sampling` is the sliders' values in settings_from's order."""
+            yield first
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
                 yield (gr.skip(), current, line, UNSAVED)
@@ -280,7 +282,6 @@ def build_chat_tab(
         ):  # fmt: skip
             """Enter and Send in one server event. A refusal comes before anything changes, so the message stays
             in the box to fix."""
-            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             engine = streaming.engine_or_error(slot)
             replies.check(key(request))
             _, history = add_user_message(message, history)
@@ -289,8 +290,9 @@ def build_chat_tab(
                                        reserved=engine.info.reserved)  # fmt: skip
             await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
             replies.accepted(key(request))
-            yield (sent_before + 1, history, "…", UNSAVED)  # the page empties the box
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            first = (sent_before + 1, history, "…", UNSAVED)  # the page empties the box
+            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+            async for update in answer(first, history, system_prompt, sampling, request):
                 yield update
 
         async def regenerate_turn(
@@ -300,9 +302,8 @@ def build_chat_tab(
             """Regenerate and the chat's Retry: answer the last question again."""
             streaming.engine_or_error(slot)
             history = regenerate(history, request)
-            yield (gr.skip(), history, "…", UNSAVED)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            async for update in answer((gr.skip(), history, "…", UNSAVED), history, system_prompt, sampling, request):
                 yield update
 
         async def edit_turn(
@@ -317,9 +318,8 @@ def build_chat_tab(
             except gr.Error:
                 yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
                 raise
-            yield (gr.skip(), history, "…", UNSAVED)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in reply_then_save(history, system_prompt, sampling, request):
+            async for update in answer((gr.skip(), history, "…", UNSAVED), history, system_prompt, sampling, request):
                 yield update
 
         def turn(triggers, fn, inputs):
