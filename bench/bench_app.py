@@ -28,6 +28,7 @@ from datetime import date
 from bench.pages import gradio_phases, users_on_pages, wait_ready
 from bench.runs import OUT, TEXT, VISION, as_the_app_builds, save
 from bench.sse_client import image_in_page, image_users
+from bench.timeline import joined, read_events, segments
 from bench.workload import seam_users, spread, summarize
 
 PORT = 7860
@@ -55,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
     ap.add_argument("--history-tokens", type=int, default=0, help="also: --case-users users with conversations this long")
     ap.add_argument("--case-users", type=int, default=16, help="users for the idle-page and long-history cases")
+    ap.add_argument("--timeline", action="store_true", help="where each turn's first-text wait goes (bench/timeline.py)")
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw reference (app-side experiments)")
     ap.add_argument(
         "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
     )
@@ -63,14 +66,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def start_app(log_path, gradio_profile: bool = False, server_url: str = "") -> subprocess.Popen:
+TIMELINE = OUT / "timeline.jsonl"
+
+
+def start_app(log_path, gradio_profile: bool = False, server_url: str = "", timeline: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
     cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
     if server_url:
         cmd += ["--backend", "api_server", "--text-server-url", server_url, "--no-enable-vision"]
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            cmd, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=log, stderr=subprocess.STDOUT
+            cmd,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **({"BENCH_TIMELINE": str(TIMELINE)} if timeline else {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -102,8 +111,9 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             spies = []
             if a.py_spy and run == 0 and n == max(a.users_list):
                 spies = [s for s in (py_spy(pid, f"spy-{n}.txt"), py_spy(pid, f"spy-{n}-gil.txt", gil=True)) if s]
-            t_spy = time.perf_counter()
+            t_spy, cpu = time.perf_counter(), time.process_time()
             turns, wall, loads = asyncio.run(users_on_pages(URL, n, a.turns, a.new_tokens))
+            client_cpu = (time.process_time() - cpu) / (time.perf_counter() - t_spy)
             for spy in spies:
                 spy.send_signal(2)
                 spy.wait(30)
@@ -115,6 +125,10 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s["client_minus_engine_ms"] = client_minus_engine(turns)
             s["updates_median"] = sorted(t["updates"] for t in turns)[len(turns) // 2]
             s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
+            s["client_cpu_pct"] = round(100 * client_cpu, 1)  # the measuring client's own load (one interpreter)
+            if a.timeline:
+                time.sleep(0.2)  # the app writes an event's marks once it has ended
+                s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
         for name, kw in cases(a).items():
@@ -125,6 +139,15 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             runs.setdefault(name, []).append(s)
             print("APP", name, json.dumps(s), flush=True)
     return runs
+
+
+def send_index() -> int:
+    """The dependency id of the page's turn (what Enter runs)."""
+    import httpx  # noqa: PLC0415
+
+    from bench.pages import enter_event  # noqa: PLC0415
+
+    return enter_event(httpx.get(URL + "config", timeout=30).json())
 
 
 def cases(a: argparse.Namespace) -> dict[str, dict]:
@@ -352,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         a.no_image = True
         server = start_api_server(OUT / "app_api_server.log")
         wait_api_server(f"http://127.0.0.1:{API_PORT}")
-    proc = start_app(OUT / "app.log", a.gradio_profile, f"http://127.0.0.1:{API_PORT}" if server else "")
+    proc = start_app(OUT / "app.log", a.gradio_profile, f"http://127.0.0.1:{API_PORT}" if server else "", a.timeline)
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))
         results["app"] = app_runs(a, proc.pid)
@@ -370,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
             if p is not None:
                 p.terminate()
                 p.wait(60)
+    if a.no_raw:
+        save("app.json", results)
+        return
     results["raw"] = raw_reference(a)
     save("app.json", results)
     if a.api_server:

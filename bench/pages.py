@@ -13,6 +13,8 @@ import httpx
 from bench.sse_client import chat_result, client_limits, fn_index, post_once_more, stream_call
 from bench.workload import history_of, question
 
+WALL = time.time() - time.perf_counter()  # perf_counter marks as wall-clock time, to join with the app's (timeline)
+
 
 def deps_where(config: dict, event: str) -> list[dict]:
     """The page's dependencies triggered by an event name ('load', 'tick', ...)."""
@@ -106,6 +108,8 @@ class Page:
         first = call["first"] or call["end"]
         res["first_ms"] = round(1000 * (first - t0), 1) if call["first"] else None
         res["bytes"] = call["bytes"]
+        res["session"], res["wall_t0"] = self.session, t0 + WALL
+        res["wall_first"] = call["first"] + WALL if call["first"] else None
         res["history"] = outputs[1]
         return res
 

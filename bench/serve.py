@@ -54,6 +54,10 @@ def main() -> int:
         log_gc_pauses()
     if os.environ.get("BENCH_GC_FREEZE") == "0":  # A/B of freezing the heap once the engines are built
         app.freeze_heap_after = lambda startup: None
+    if os.environ.get("BENCH_TIMELINE"):  # where each turn's first-text wait goes (bench/timeline.py)
+        from bench.timeline import record_timeline  # noqa: PLC0415
+
+        record_timeline(os.environ["BENCH_TIMELINE"], turbomind.LmdeployEngine)
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

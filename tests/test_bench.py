@@ -4,6 +4,7 @@ against the launched app (fake engines)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -63,6 +64,31 @@ def test_a_browser_turn_runs_on_its_page_session(launched):
     assert len(sessions) == 2  # one engine session per page, kept across its turns
     second_turn = [msgs for _, msgs, _ in text.calls if len(msgs) > 1]
     assert second_turn and second_turn[0][-2]["role"] == "assistant"
+
+
+def test_the_timeline_splits_each_turns_wait_into_steps_that_add_up(launched, monkeypatch, tmp_path):
+    """bench_app --timeline: the app's marks joined with the client's, turn by turn, in order; the steps cover the
+    whole wait from Enter to the first text, so none of it goes unaccounted for."""
+    import httpx
+
+    from bench.pages import enter_event, users_on_pages
+    from bench.timeline import SEGMENTS, joined, read_events, segments
+    from tests.fakes import FakeEngine
+
+    url, _, _ = launched
+    from bench.timeline import record_timeline
+
+    record_timeline(tmp_path / "t.jsonl", FakeEngine, monkeypatch.setattr)
+    turns, _, _ = asyncio.run(users_on_pages(url, 2, 2, 16))
+    time.sleep(0.2)
+    rows = joined(turns, read_events(tmp_path / "t.jsonl"), enter_event(httpx.get(url + "config").json()))
+    assert len(rows) == 4 and len({r["session"] for r in rows}) == 2
+    for r in rows:
+        steps = [r[b] - r[a] for _, a, b in SEGMENTS]
+        assert all(s >= -0.002 for s in steps), steps  # marks in order (clocks of one machine)
+        assert sum(steps) == pytest.approx(r["first"] - r["t0"], abs=1e-6)
+    s = segments(rows)
+    assert s["turns"] == 4 and all(s[name] is not None for name, _, _ in SEGMENTS)
 
 
 def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched):

@@ -1,0 +1,125 @@
+"""Where a turn's wait goes, from the client's press of Enter to its first text: wall-clock marks taken in the app
+(`record_timeline`, installed by bench.serve with BENCH_TIMELINE=path) joined with the client's own (bench/pages.py).
+
+Marks per queued event, on the app's side: `push` (Gradio's queue got the POST), `process` (the queue started the
+event), `shown` (the update showing the user's message went to the SSE stream), `stream` (the engine was asked),
+`delta` (the engine's first text reached the page's loop), `sent` (the update with it went to the SSE stream).
+Both processes run on one machine, so `time.time()` is shared.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import statistics
+import time
+from pathlib import Path
+
+# the segments of a turn's first-text wait, each from one mark to the next
+SEGMENTS = (
+    ("client → queue", "t0", "push"),
+    ("queue → started", "push", "process"),
+    ("started → message shown", "process", "shown"),
+    ("message shown → engine asked", "shown", "stream"),
+    ("engine asked → first text in the page's loop", "stream", "delta"),
+    ("first text → update handed to SSE", "delta", "sent"),
+    ("SSE → client", "sent", "first"),
+)
+
+_event = contextvars.ContextVar("bench_timeline_event", default=None)
+
+
+def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
+    """Mark every queued event's steps (above) and append one JSON line per event to `path` when it ends.
+
+    `engine_cls` is the ChatEngine class whose `stream` the page's turns call. The queue runs each event in its own
+    task, and the turn's generator runs in that task's context, so a context variable carries the event's record.
+    `patch` sets each wrapper in place (a test passes monkeypatch.setattr)."""
+    from gradio import queueing  # noqa: PLC0415
+    from gradio.server_messages import ProcessGeneratingMessage  # noqa: PLC0415
+
+    from model_loader.engines.seam import Delta  # noqa: PLC0415
+
+    out = Path(path)
+    records: dict[str, dict] = {}
+    push, process, send, stream = (
+        queueing.Queue.push,
+        queueing.Queue.process_events,
+        queueing.Queue.send_message,
+        engine_cls.stream,
+    )
+
+    async def timed_push(self, body, *args, **kwargs):
+        t = time.time()
+        result = await push(self, body, *args, **kwargs)
+        if result[0]:
+            records[result[1]] = {"session": body.session_hash, "fn": body.fn_index, "push": t}
+        return result
+
+    async def timed_process(self, events, *args, **kwargs):
+        rec = records.pop(events[0]._id, None)
+        if rec is not None:
+            rec["process"] = time.time()
+        _event.set(rec)
+        try:
+            await process(self, events, *args, **kwargs)
+        finally:
+            if rec is not None:
+                rec["done"] = time.time()
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+    def timed_send(self, event, message):
+        rec = _event.get()
+        if rec is not None and isinstance(message, ProcessGeneratingMessage):
+            key = "sent" if "delta" in rec else "shown"  # the reply's first text, or the message shown before it
+            rec.setdefault(key, time.time())
+        return send(self, event, message)
+
+    async def timed_stream(self, *args, **kwargs):
+        rec = _event.get()
+        if rec is not None:
+            rec.setdefault("stream", time.time())
+        async for item in stream(self, *args, **kwargs):
+            if rec is not None and "delta" not in rec and isinstance(item, Delta):
+                rec["delta"] = time.time()
+            yield item
+
+    patch(queueing.Queue, "push", timed_push)
+    patch(queueing.Queue, "process_events", timed_process)
+    patch(queueing.Queue, "send_message", timed_send)
+    patch(engine_cls, "stream", timed_stream)
+
+
+def read_events(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def joined(client_turns: list[dict], events: list[dict], fn: int) -> list[dict]:
+    """Each client turn (its `session`, `wall_t0`, `wall_first`) with the app's marks for it: the session's events
+    of dependency `fn`, in order, paired with its turns in order."""
+    by_session: dict[str, list[dict]] = {}
+    for e in sorted(events, key=lambda e: e["push"]):
+        if e.get("fn") == fn:
+            by_session.setdefault(e["session"], []).append(e)
+    out, seen = [], {}
+    for t in sorted(client_turns, key=lambda t: t["wall_t0"]):
+        i = seen.get(t["session"], 0)
+        seen[t["session"]] = i + 1
+        marks = by_session.get(t["session"], [])
+        if i < len(marks) and t.get("wall_first"):
+            out.append({**marks[i], "t0": t["wall_t0"], "first": t["wall_first"]})
+    return out
+
+
+def segments(turns: list[dict]) -> dict[str, float | None]:
+    """Median ms of each segment over joined turns (those that have both of its marks), and how many turns."""
+    res: dict[str, float | None] = {}
+    for name, a, b in SEGMENTS:
+        d = [1000 * (t[b] - t[a]) for t in turns if t.get(a) is not None and t.get(b) is not None]
+        res[name] = round(statistics.median(d), 1) if d else None
+    res["turns"] = len(turns)
+    return res
