@@ -58,6 +58,16 @@ def main() -> int:
         from bench.timeline import record_timeline  # noqa: PLC0415
 
         record_timeline(os.environ["BENCH_TIMELINE"], turbomind.LmdeployEngine)
+    if os.environ.get("BENCH_NO_HTTPTOOLS"):  # A/B: uvicorn falls back to h11 (the GPU image has uvloop already)
+        import sys  # noqa: PLC0415
+
+        sys.modules["httptools"] = None
+    if os.environ.get("BENCH_UI_INTERVAL"):  # A/B of the streamed updates' pacing: "base,streams per step,max" (s)
+        from ui import streaming  # noqa: PLC0415
+
+        base, per_step, most = os.environ["BENCH_UI_INTERVAL"].split(",")
+        streaming.UI_INTERVAL_S, streaming.BUSY_STREAMS_PER_STEP = float(base), float(per_step)
+        streaming.MAX_UI_INTERVAL_S = float(most)
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

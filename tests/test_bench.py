@@ -277,6 +277,83 @@ def test_a_streamed_update_costs_the_same_however_long_the_conversation(launched
     assert len(rendered) <= len(history) + 3 * turns[0]["updates"], (len(rendered), turns[0]["updates"])
 
 
+def test_a_turn_waits_on_no_worker_thread_before_its_message_shows(launched, monkeypatch):
+    """Gradio preprocesses each input of an event in a worker thread, one after the other; under load each hop
+    waits for the busy event loop: a turn's ten inputs took 64-84 ms at 32 users on an H100 before its message was
+    shown and the engine asked (bench_app --timeline, issue 14). A turn converts its inputs in line."""
+    import anyio.to_thread
+    import gradio as gr
+
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    hops = []
+    real = anyio.to_thread.run_sync
+    monkeypatch.setattr(anyio.to_thread, "run_sync", lambda fn, *a, **kw: hops.append(fn) or real(fn, *a, **kw))
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 2, 32))
+    assert len(turns) == 2 and not any(t["error"] for t in turns), turns
+    second = [m for _, m, _ in text.calls][-1]
+    assert second[-1]["content"].startswith("User 0, turn 1") and second[-2]["role"] == "assistant"
+    turn_inputs = (gr.Chatbot, gr.Textbox, gr.Slider, gr.Number)  # the page load reads the saved chat (BrowserState)
+    preprocess = [fn for fn in hops if getattr(fn, "__name__", "") == "preprocess"]
+    assert not [fn for fn in preprocess if isinstance(fn.__self__, turn_inputs)], preprocess
+
+
+def test_the_page_is_served_on_uvloop_and_httptools(launched):
+    """The page's event loop shares the interpreter with the engine's thread, so the loop's own overhead is the
+    users' wait (issue 14): the deployment set brings uvloop and httptools, which uvicorn takes when present."""
+    from pathlib import Path
+
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    loops = []
+    real = text.reply_for
+    text.reply_for = lambda messages: loops.append(type(asyncio.get_running_loop()).__module__) or real(messages)
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 1, 16))
+    assert not turns[0]["error"] and loops == ["uvloop"]
+    wanted = Path(__file__).resolve().parents[1].joinpath("requirements.txt").read_text()
+    assert "\nuvloop" in wanted and "\nhttptools" in wanted
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: F401  (uvicorn's "auto" takes it)
+
+
+def test_the_queue_does_not_tabulate_every_past_event_after_each_one(launched, monkeypatch):
+    """Gradio 6.17's queue built a pandas table of every event the server had ever run, at the end of each event,
+    holding the interpreter (~3 ms at first, 50 ms at 50,000 events): the app slowed down with its uptime."""
+    from gradio.queueing import Queue
+
+    from bench.pages import users_on_pages
+
+    url, _, _ = launched
+    tables = []
+    real = Queue._get_df
+    monkeypatch.setattr(Queue, "_get_df", staticmethod(lambda events: tables.append(len(events)) or real(events)))
+    turns, _, _ = asyncio.run(users_on_pages(url, 2, 2, 16))
+    assert len(turns) == 4 and not any(t["error"] for t in turns)
+    assert tables == []
+
+
+def test_the_queue_keeps_the_latest_events_and_still_summarises_them():
+    """What keep_queue_analytics_small leaves of Gradio's View API figures: the last N events, summarised every M."""
+    from gradio.queueing import Queue
+
+    from ui.page import keep_queue_analytics_small
+
+    queue = Queue.__new__(Queue)  # the analytics part of a queue, without a server
+    queue.event_analytics, queue.event_count_at_last_cache, queue.cached_event_analytics_summary = {}, 0, {}
+    keep_queue_analytics_small(queue, events=5, every=3)
+    summaries = []
+    for i in range(20):
+        queue.event_analytics[str(i)] = {"time": i, "status": "success", "process_time": 0.1, "function": "chat"}
+        before = queue.event_count_at_last_cache
+        queue.compute_analytics_summary(queue.event_analytics)
+        if queue.event_count_at_last_cache != before:
+            summaries.append(i)
+    assert list(queue.event_analytics) == [str(i) for i in range(15, 20)]
+    assert summaries == [2, 5, 8, 11, 14, 17]
+    assert queue.cached_event_analytics_summary["functions"]["chat"]["total_requests"] == 5
+
+
 def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):
     """The page's status timer ticks while an engine is on its way and stops once both are ready or failed: a page
     opened during start-up still sees the engine arrive (issue 14: idle pages; review: a missed transition)."""

@@ -191,6 +191,33 @@ def test_concurrency_per_engine_can_follow_what_its_cache_holds():
     assert limits == {"text": 5, "vision": 8}
 
 
+def test_a_turn_s_inputs_are_what_gradio_s_preprocess_makes():
+    """The turn events take their inputs unprocessed (preprocess=False) and convert them in line: the values must be
+    exactly what Gradio's own preprocess hands a function (data model, then preprocess; a State as it is)."""
+    import gradio as gr
+
+    from ui.rendered import preprocessed
+
+    chatbot, box, slider = gr.Chatbot(render=False), gr.Textbox(render=False), gr.Slider(0, 2, render=False)
+    seed, state = gr.Number(precision=0, render=False), gr.State(render=False)
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "\u2060  indented"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "**bold**"}], "metadata": None, "options": None},
+    ]
+    comps = [chatbot, box, slider, seed, state]
+    values = [history, "hi", 0.7, 3.0, 5]
+    gradio_made = [
+        chatbot.preprocess(chatbot.data_model.model_validate(history)),
+        box.preprocess("hi"),
+        slider.preprocess(0.7),
+        seed.preprocess(3.0),
+        5,
+    ]
+    assert preprocessed(comps, values) == gradio_made
+    assert isinstance(preprocessed([seed], [3.0])[0], int)
+    assert preprocessed([chatbot, box], [None, None]) == [chatbot.preprocess(None), box.preprocess(None)]
+
+
 def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkeypatch):
     """The turn events send values they rendered themselves (postprocess=False): they must be exactly what the
     Chatbot and Markdown's own postprocess make, and an update must not render the unchanged messages again."""

@@ -331,9 +331,10 @@ def build_chat_tab(
             page_turn = streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip()))
             ev = gr.on(
                 triggers,
-                rendered_turn(page_turn, chatbot, stats),  # renders its own updates, unchanged messages once
+                rendered_turn(page_turn, [*inputs, sent], chatbot, stats),  # converts in line, unchanged messages once
                 [*inputs, sent],
                 [sent, chatbot, stats, saved],
+                preprocess=False,
                 postprocess=False,
                 api_visibility="private",  # the page's own event (refusals are toasts): scripts use /add_message and /chat
                 concurrency_limit=None,

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # often (bench/results: 16 users on an H100). 20 updates a second read as smooth; 5 still read as streaming.
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
+MAX_UI_INTERVAL_S = 0.25
 STOPPED = "⏹ Stopped: the reply above is as far as it got."
 NOTHING_TO_STOP = "Nothing is being written in this chat right now."
 WAIT_POLL_S = 0.5  # how often a reply that has no text yet checks whether it waits for a free slot
@@ -38,7 +39,7 @@ BUSY = "A reply is still being written in this chat. Wait for it to finish, or p
 
 def ui_interval(active_streams: int) -> float:
     """Seconds between UI updates of one stream: 50 ms up to 8 streams, then growing with the load (max 0.25 s)."""
-    return min(0.25, UI_INTERVAL_S * max(1.0, active_streams / BUSY_STREAMS_PER_STEP))
+    return min(MAX_UI_INTERVAL_S, UI_INTERVAL_S * max(1.0, active_streams / BUSY_STREAMS_PER_STEP))
 
 
 def session_id(request: gr.Request | None, tab: str) -> int:
