@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -145,10 +146,15 @@ async def users_on_pages(
     histories: list[list] | None = None,
     new_visitors: bool = False,
     idle_pages: int = 0,
+    first_user: int = 0,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[dict], float, dict]:
     """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
     at once, while `idle_pages` more pages stay open and run their timers as a browser does; returns every turn's
-    result, the wall time, and page-load timings (and the idle pages' ticks)."""
+    result, the wall time, and page-load timings (and the idle pages' ticks, and the wall clock at start and end).
+
+    Users are numbered from `first_user` (their questions and `histories` are theirs); `ready`, when given, is
+    awaited once the pages are loaded, before the clock starts (users_in_browsers lines processes up with it)."""
     async with httpx.AsyncClient(timeout=600, limits=client_limits(users + idle_pages)) as http:
         config = (await http.get(url + "config")).json()
         pages = [Page(http, url, config) for _ in range(users)]
@@ -167,19 +173,68 @@ async def users_on_pages(
                 loads.append(out_load)
             history = list((histories or [[]] * users)[i])
             for t in range(turns):
-                r = await page.turn(history, question(i, t)["content"], max_new)
+                r = await page.turn(history, question(first_user + i, t)["content"], max_new)
                 history = r.pop("history")
                 r["turn"] = t
                 out.append(r)
             return out
 
+        if ready is not None:
+            await ready()
         t0 = time.perf_counter()
         per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
         wall = time.perf_counter() - t0
         stop_idle.set()
         ticks = sum(await asyncio.gather(*polling))
     loads_ms = sorted(round(1000 * x, 1) for x in loads)
-    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms, "idle_ticks": ticks}
+    stamps = {"wall_start": t0 + WALL, "wall_end": t0 + wall + WALL}
+    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms, "idle_ticks": ticks, **stamps}
+
+
+def users_in_browsers(
+    url: str, users: int, turns: int, max_new: int, per_process: int = 8, **kw
+) -> tuple[list[dict], float, dict]:
+    """users_on_pages with the users spread over processes of `per_process` each (0: all in this one), started
+    together once every page is loaded; the wall time runs from the first start to the last end.
+
+    Each person has a browser of their own. One Python process playing 32 of them parses every stream and sends
+    every request on one interpreter, and at each turn's end all 32 send their next message at once: that queue is
+    the measuring client's, not the app's."""
+    if per_process <= 0 or users <= per_process:
+        return asyncio.run(users_on_pages(url, users, turns, max_new, **kw))
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+    slices = [(s, min(per_process, users - s)) for s in range(0, users, per_process)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(len(slices), mp_context=ctx) as pool:
+        barrier = manager.Barrier(len(slices))
+        jobs = []
+        for k, (first, n) in enumerate(slices):
+            part = dict(kw)
+            if kw.get("histories") is not None:
+                part["histories"] = kw["histories"][first : first + n]
+            part["idle_pages"] = kw.get("idle_pages", 0) if k == 0 else 0  # the idle pages open in one browser
+            jobs.append(pool.submit(_browser, url, n, turns, max_new, first, barrier, part))
+        results = [j.result() for j in jobs]
+    turns_out = [t for r in results for t in r[0]]
+    start, end = min(r[2]["wall_start"] for r in results), max(r[2]["wall_end"] for r in results)
+    loads = {
+        "page_load_ms": sorted(x for r in results for x in r[2]["page_load_ms"]),
+        "idle_ticks": sum(r[2]["idle_ticks"] for r in results),
+        "wall_start": start,
+        "wall_end": end,
+    }
+    return turns_out, end - start, loads
+
+
+def _browser(url: str, users: int, turns: int, max_new: int, first_user: int, barrier, kw: dict):
+    """One process of users_in_browsers: its users' pages, started when every process has loaded its own."""
+
+    async def ready() -> None:
+        await asyncio.to_thread(barrier.wait)
+
+    return asyncio.run(users_on_pages(url, users, turns, max_new, first_user=first_user, ready=ready, **kw))
 
 
 async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:

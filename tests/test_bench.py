@@ -91,6 +91,21 @@ def test_the_timeline_splits_each_turns_wait_into_steps_that_add_up(launched, mo
     assert s["turns"] == 4 and all(s[name] is not None for name, _, _ in SEGMENTS)
 
 
+def test_users_in_browsers_of_their_own_start_together_and_keep_their_conversations(launched):
+    """bench_app spreads users over measuring processes (a person has a browser of their own): each user keeps a
+    conversation of their own across turns, all start once every page is loaded, and the wall spans them all."""
+    from bench.pages import users_in_browsers
+
+    url, (text, _), _ = launched
+    turns, wall, loads = users_in_browsers(url, 4, 2, 16, per_process=2)
+    assert len(turns) == 8 and not any(t["error"] for t in turns) and len(loads["page_load_ms"]) == 4
+    assert len({t["session"] for t in turns}) == 4
+    asked = sorted(m[-1]["content"].split(",")[0] for _, m, _ in text.calls[-8:])
+    assert asked == sorted(f"User {u}" for u in range(4) for _ in range(2))  # numbered across processes
+    starts = [t["wall_t0"] for t in turns if t["turn"] == 0]
+    assert max(starts) - min(starts) < 0.5 * wall and loads["wall_end"] - loads["wall_start"] == pytest.approx(wall)
+
+
 def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched):
     """An open page runs its timers only while there is news (engines starting) or the System tab is shown:
     100 idle pages must not take throughput from the people chatting (issue 14)."""
