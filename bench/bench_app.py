@@ -143,6 +143,9 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s = summarize(turns, wall)
             s["client_minus_engine_ms"] = client_minus_engine(turns)
             s["idle_ticks"] = loads.get("idle_ticks", 0)
+            if a.timeline:
+                time.sleep(0.2)
+                s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
             runs.setdefault(name, []).append(s)
             print("APP", name, json.dumps(s), flush=True)
     return runs
@@ -204,6 +207,9 @@ def burst_runs(a: argparse.Namespace) -> list[dict]:
         s = summarize(turns, wall)
         s["page_load_ms_median"] = loads["page_load_ms"][len(loads["page_load_ms"]) // 2] if loads["page_load_ms"] else None
         s["client_minus_engine_ms"] = client_minus_engine(turns)
+        if a.timeline:
+            time.sleep(0.2)
+            s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
         out.append(s)
         print("BURST", json.dumps(s), flush=True)
     return out

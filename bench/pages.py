@@ -148,13 +148,15 @@ async def users_on_pages(
     idle_pages: int = 0,
     first_user: int = 0,
     ready: Callable[[], Awaitable[None]] | None = None,
+    hold: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[dict], float, dict]:
     """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
     at once, while `idle_pages` more pages stay open and run their timers as a browser does; returns every turn's
     result, the wall time, and page-load timings (and the idle pages' ticks, and the wall clock at start and end).
 
     Users are numbered from `first_user` (their questions and `histories` are theirs); `ready`, when given, is
-    awaited once the pages are loaded, before the clock starts (users_in_browsers lines processes up with it)."""
+    awaited once the pages are loaded, before the clock starts (users_in_browsers lines processes up with it), and
+    `hold` once the users are done, before the idle pages close."""
     async with httpx.AsyncClient(timeout=600, limits=client_limits(users + idle_pages)) as http:
         config = (await http.get(url + "config")).json()
         pages = [Page(http, url, config) for _ in range(users)]
@@ -184,57 +186,72 @@ async def users_on_pages(
         t0 = time.perf_counter()
         per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
         wall = time.perf_counter() - t0
+        if hold is not None:
+            await hold()
         stop_idle.set()
         ticks = sum(await asyncio.gather(*polling))
     loads_ms = sorted(round(1000 * x, 1) for x in loads)
     stamps = {"wall_start": t0 + WALL, "wall_end": t0 + wall + WALL}
-    return [t for ts in per_user for t in ts], wall, {"page_load_ms": loads_ms, "idle_ticks": ticks, **stamps}
+    out = {"page_load_ms": loads_ms, "idle_pages": len(idle), "idle_ticks": ticks, **stamps}
+    return [t for ts in per_user for t in ts], wall, out
 
 
 def users_in_browsers(
     url: str, users: int, turns: int, max_new: int, per_process: int = 8, **kw
 ) -> tuple[list[dict], float, dict]:
-    """users_on_pages with the users spread over processes of `per_process` each (0: all in this one), started
-    together once every page is loaded; the wall time runs from the first start to the last end.
+    """users_on_pages with the users spread over processes of `per_process` each (0: all in one), and idle pages
+    in a process of their own, started together once every page is loaded; the wall time runs from the users'
+    first start to their last end.
 
     Each person has a browser of their own. One Python process playing 32 of them parses every stream and sends
     every request on one interpreter, and at each turn's end all 32 send their next message at once: that queue is
-    the measuring client's, not the app's."""
-    if per_process <= 0 or users <= per_process:
+    the measuring client's, not the app's. Likewise 100 idle pages' timers, looping beside the users in one process,
+    delay the users' own requests and reading without costing the app anything."""
+    idle = kw.pop("idle_pages", 0)
+    size = per_process if per_process > 0 else max(1, users)
+    slices = [(s, min(size, users - s)) for s in range(0, users, size)]
+    if len(slices) == 1 and not idle:
         return asyncio.run(users_on_pages(url, users, turns, max_new, **kw))
     import multiprocessing  # noqa: PLC0415
     from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
-    slices = [(s, min(per_process, users - s)) for s in range(0, users, per_process)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(len(slices), mp_context=ctx) as pool:
-        barrier = manager.Barrier(len(slices))
+    with ctx.Manager() as manager, ProcessPoolExecutor(len(slices) + bool(idle), mp_context=ctx) as pool:
+        barrier, done = manager.Barrier(len(slices) + bool(idle)), manager.Event()
         jobs = []
-        for k, (first, n) in enumerate(slices):
+        for first, n in slices:
             part = dict(kw)
             if kw.get("histories") is not None:
                 part["histories"] = kw["histories"][first : first + n]
-            part["idle_pages"] = kw.get("idle_pages", 0) if k == 0 else 0  # the idle pages open in one browser
-            jobs.append(pool.submit(_browser, url, n, turns, max_new, first, barrier, part))
+            jobs.append(pool.submit(_browser, url, n, turns, max_new, first, barrier, None, part))
+        idle_job = pool.submit(_browser, url, 0, 0, max_new, users, barrier, done, {"idle_pages": idle}) if idle else None
         results = [j.result() for j in jobs]
+        done.set()
+        idle_out = idle_job.result()[2] if idle_job else {"idle_ticks": 0, "idle_pages": 0}
     turns_out = [t for r in results for t in r[0]]
     start, end = min(r[2]["wall_start"] for r in results), max(r[2]["wall_end"] for r in results)
     loads = {
         "page_load_ms": sorted(x for r in results for x in r[2]["page_load_ms"]),
-        "idle_ticks": sum(r[2]["idle_ticks"] for r in results),
+        "idle_pages": idle_out["idle_pages"],
+        "idle_ticks": idle_out["idle_ticks"],
         "wall_start": start,
         "wall_end": end,
     }
     return turns_out, end - start, loads
 
 
-def _browser(url: str, users: int, turns: int, max_new: int, first_user: int, barrier, kw: dict):
-    """One process of users_in_browsers: its users' pages, started when every process has loaded its own."""
+def _browser(url: str, users: int, turns: int, max_new: int, first_user: int, barrier, done, kw: dict):
+    """One process of users_in_browsers: its pages, started when every process has loaded its own; a process of
+    idle pages keeps them open until `done` is set."""
 
     async def ready() -> None:
         await asyncio.to_thread(barrier.wait)
 
-    return asyncio.run(users_on_pages(url, users, turns, max_new, first_user=first_user, ready=ready, **kw))
+    async def hold() -> None:
+        await asyncio.to_thread(done.wait)
+
+    hold_on = hold if done is not None else None
+    return asyncio.run(users_on_pages(url, users, turns, max_new, first_user=first_user, ready=ready, hold=hold_on, **kw))
 
 
 async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:

@@ -106,6 +106,17 @@ def test_users_in_browsers_of_their_own_start_together_and_keep_their_conversati
     assert max(starts) - min(starts) < 0.5 * wall and loads["wall_end"] - loads["wall_start"] == pytest.approx(wall)
 
 
+def test_idle_pages_stay_open_in_a_browser_of_their_own_while_users_chat(launched):
+    """The idle-page case: the idle pages are other people's browsers, open (and loaded) through the users' turns,
+    in a process of their own so that their timers do not delay the measured users' requests."""
+    from bench.pages import users_in_browsers
+
+    url, _, _ = launched
+    turns, wall, loads = users_in_browsers(url, 2, 2, 16, per_process=0, idle_pages=3)
+    assert len(turns) == 4 and not any(t["error"] for t in turns) and wall > 0
+    assert loads["idle_pages"] == 3 and loads["idle_ticks"] == 0 and len(loads["page_load_ms"]) == 2
+
+
 def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched):
     """An open page runs its timers only while there is news (engines starting) or the System tab is shown:
     100 idle pages must not take throughput from the people chatting (issue 14)."""
