@@ -259,17 +259,19 @@ def build_chat_tab(
 
         # Gradio 6 rebuilds a component for every gr.skip()/gr.update() output of every streamed update (~0.5 ms
         # each; a third of the server's time at 8 users on CPU), so a turn streams plain values only. The message box
-        # is emptied in the page when `sent` changes (a State's skip costs nothing); the saved conversation is None
-        # until the last update (BrowserState writes only a value, and writing it at every update re-encrypted the
-        # whole conversation each time); the buttons are given back in the page when the turn ends.
+        # is emptied in the page when `sent` changes (a State's skip costs nothing); the saved conversation is written
+        # at the first update and the last, None in between (BrowserState writes only a value, and writing it at
+        # every update re-encrypted the whole conversation each time); the buttons are given back in the page when
+        # the turn ends.
         sent = gr.State(0)  # messages this page has sent
         sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
         UNSAVED = None  # the browser keeps the conversation it saved last
 
         async def answer(first, history, system_prompt, sampling, request):
-            """Every turn once its checks passed: show `first`, stream, then save (the page gives the controls back).
+            """Every turn once its checks passed: show `first` and save the chat as it starts (a reload mid-reply
+            keeps the question, to answer again), stream, then save the answer (the page gives the controls back).
             `sampling` is the sliders' values in settings_from's order."""
-            yield first
+            yield (*first[:3], save(history, "")[0])
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
                 yield (gr.skip(), current, line, UNSAVED)
