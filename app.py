@@ -81,6 +81,9 @@ def run_check(cfg, env: Mapping[str, str], download: bool = False) -> int:
                 print(f"       what to do: {e.hint}")
     # without a GPU (and no --gpu-mem), plan for the A10 (22.5 GiB) this app is made for
     gpu_gib = cfg.gpu_mem_gib or (0.0 if _has_gpu() else A10_GIB)
+    if not cfg.gpu_mem_gib and gpu_gib == A10_GIB:
+        print(f"[info] No NVIDIA GPU is visible: this plan is for an A10 ({A10_GIB} GiB), the card this app is made for;")
+        print("       pass --gpu-mem GIB to plan for another card.")
     plan = make_plan(cfg, gpu_gib)
     if plan is not None:
         print(planner.format_plan(plan))

@@ -148,6 +148,8 @@ def test_cli_check_good_and_broken(tiny_models, copy_model):
     ok = run_app("--check", "--text-model", str(tiny_models["awq"]), "--vision-model", str(tiny_models["llava"]))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "[ok] text model" in ok.stdout and "fits" in ok.stdout
+    # no GPU here: the plan says whose card it assumed (new-user trial: it read as if a 22.5 GiB GPU were present)
+    assert "No NVIDIA GPU is visible: this plan is for an A10 (22.5 GiB)" in ok.stdout and "--gpu-mem" in ok.stdout
     broken = copy_model(tiny_models["awq"], "broken")
     (broken / "tokenizer.json").unlink()
     bad = run_app("--check", "--text-model", str(broken), "--no-enable-vision")
