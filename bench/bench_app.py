@@ -28,7 +28,7 @@ from datetime import date
 from bench.pages import gradio_phases, users_in_browsers, users_on_pages, wait_ready
 from bench.runs import OUT, TEXT, VISION, as_the_app_builds, save
 from bench.sse_client import image_in_page, image_users
-from bench.timeline import joined, read_events, segments
+from bench.timeline import events_for, joined, segments
 from bench.workload import seam_users, spread, summarize
 
 PORT = 7860
@@ -132,10 +132,9 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s["client_minus_engine_ms"] = client_minus_engine(turns)
             s["updates_median"] = sorted(t["updates"] for t in turns)[len(turns) // 2]
             s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
-            s["client_cpu_pct"] = round(100 * client_cpu, 1)  # the measuring client's own load (one interpreter)
+            s["client_cpu_pct"] = round(100 * client_cpu, 1)  # the measuring client's load (its processes, % of one core)
             if a.timeline:
-                time.sleep(0.2)  # the app writes an event's marks once it has ended
-                s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
+                s["timeline"] = segments(joined(turns, events_for(TIMELINE, turns)))
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
         for name, kw in cases(a).items():
@@ -144,8 +143,7 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s["client_minus_engine_ms"] = client_minus_engine(turns)
             s["idle_ticks"] = loads.get("idle_ticks", 0)
             if a.timeline:
-                time.sleep(0.2)
-                s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
+                s["timeline"] = segments(joined(turns, events_for(TIMELINE, turns)))
             runs.setdefault(name, []).append(s)
             print("APP", name, json.dumps(s), flush=True)
     return runs
@@ -157,15 +155,6 @@ def client_cpu_s() -> float:
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def send_index() -> int:
-    """The dependency id of the page's turn (what Enter runs)."""
-    import httpx  # noqa: PLC0415
-
-    from bench.pages import enter_event  # noqa: PLC0415
-
-    return enter_event(httpx.get(URL + "config", timeout=30).json())
 
 
 def cases(a: argparse.Namespace) -> dict[str, dict]:
@@ -208,8 +197,7 @@ def burst_runs(a: argparse.Namespace) -> list[dict]:
         s["page_load_ms_median"] = loads["page_load_ms"][len(loads["page_load_ms"]) // 2] if loads["page_load_ms"] else None
         s["client_minus_engine_ms"] = client_minus_engine(turns)
         if a.timeline:
-            time.sleep(0.2)
-            s["timeline"] = segments(joined(turns, read_events(TIMELINE), send_index()))
+            s["timeline"] = segments(joined(turns, events_for(TIMELINE, turns)))
         out.append(s)
         print("BURST", json.dumps(s), flush=True)
     return out
@@ -396,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         a.no_image = True
         server = start_api_server(OUT / "app_api_server.log")
         wait_api_server(f"http://127.0.0.1:{API_PORT}")
+    TIMELINE.unlink(missing_ok=True)  # marks of this invocation only
     proc = start_app(OUT / "app.log", a.gradio_profile, f"http://127.0.0.1:{API_PORT}" if server else "", a.timeline)
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))

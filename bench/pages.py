@@ -14,6 +14,7 @@ import httpx
 from bench.sse_client import chat_result, client_limits, fn_index, post_once_more, stream_call
 from bench.workload import history_of, question
 
+BROWSER_WAIT_S = 600  # the longest a measuring process waits for the others
 WALL = time.time() - time.perf_counter()  # perf_counter marks as wall-clock time, to join with the app's (timeline)
 
 
@@ -109,7 +110,7 @@ class Page:
         first = call["first"] or call["end"]
         res["first_ms"] = round(1000 * (first - t0), 1) if call["first"] else None
         res["bytes"] = call["bytes"]
-        res["session"], res["wall_t0"] = self.session, t0 + WALL
+        res["session"], res["event_id"], res["wall_t0"] = self.session, call["event_id"], t0 + WALL
         res["wall_first"] = call["first"] + WALL if call["first"] else None
         res["history"] = outputs[1]
         return res
@@ -197,7 +198,7 @@ async def users_on_pages(
 
 
 def users_in_browsers(
-    url: str, users: int, turns: int, max_new: int, per_process: int = 8, **kw
+    url: str, users: int, turns: int, max_new: int, per_process: int = 0, **kw
 ) -> tuple[list[dict], float, dict]:
     """users_on_pages with the users spread over processes of `per_process` each (0: all in one), and idle pages
     in a process of their own, started together once every page is loaded; the wall time runs from the users'
@@ -225,8 +226,10 @@ def users_in_browsers(
                 part["histories"] = kw["histories"][first : first + n]
             jobs.append(pool.submit(_browser, url, n, turns, max_new, first, barrier, None, part))
         idle_job = pool.submit(_browser, url, 0, 0, max_new, users, barrier, done, {"idle_pages": idle}) if idle else None
-        results = [j.result() for j in jobs]
-        done.set()
+        try:
+            results = [j.result() for j in jobs]
+        finally:
+            done.set()  # the idle pages close however the users' part ended
         idle_out = idle_job.result()[2] if idle_job else {"idle_ticks": 0, "idle_pages": 0}
     turns_out = [t for r in results for t in r[0]]
     start, end = min(r[2]["wall_start"] for r in results), max(r[2]["wall_end"] for r in results)
@@ -245,13 +248,17 @@ def _browser(url: str, users: int, turns: int, max_new: int, first_user: int, ba
     idle pages keeps them open until `done` is set."""
 
     async def ready() -> None:
-        await asyncio.to_thread(barrier.wait)
+        await asyncio.to_thread(barrier.wait, BROWSER_WAIT_S)
 
     async def hold() -> None:
-        await asyncio.to_thread(done.wait)
+        await asyncio.to_thread(done.wait, BROWSER_WAIT_S)
 
-    hold_on = hold if done is not None else None
-    return asyncio.run(users_on_pages(url, users, turns, max_new, first_user=first_user, ready=ready, hold=hold_on, **kw))
+    try:
+        hold_on = hold if done is not None else None
+        return asyncio.run(users_on_pages(url, users, turns, max_new, first_user=first_user, ready=ready, hold=hold_on, **kw))
+    except BaseException:
+        barrier.abort()  # the others stop waiting for this one (BrokenBarrierError) instead of hanging
+        raise
 
 
 async def app_conversations(url: str, users: int, history_tokens: int, turns: int, max_new: int, count_tokens) -> tuple:

@@ -72,6 +72,7 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list,
     body = {"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None}
     r = await post_once_more(http, url + "gradio_api/queue/join", body)
     r.raise_for_status()
+    event_id = r.json().get("event_id")
     outputs, first, updates, error, nbytes = None, None, 0, None, 0
     for attempt in range(2):  # a kept-alive connection the server had just closed fails before the first byte
         try:
@@ -99,7 +100,8 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list,
             if nbytes or attempt:
                 raise
     end = time.perf_counter()
-    return {"t0": t0, "first": first, "end": end, "updates": updates, "bytes": nbytes, "outputs": outputs, "error": error}
+    out = {"t0": t0, "first": first, "end": end, "updates": updates, "bytes": nbytes, "outputs": outputs, "error": error}
+    return {**out, "event_id": event_id}
 
 
 def chat_result(call: dict, stats_output: int = 1) -> dict:

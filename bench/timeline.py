@@ -53,7 +53,7 @@ def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
         t = time.time()
         result = await push(self, body, *args, **kwargs)
         if result[0]:
-            records[result[1]] = {"session": body.session_hash, "fn": body.fn_index, "push": t}
+            records[result[1]] = {"event_id": result[1], "session": body.session_hash, "fn": body.fn_index, "push": t}
         return result
 
     async def timed_process(self, events, *args, **kwargs):
@@ -92,34 +92,44 @@ def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
 
 
 def read_events(path: str | Path) -> list[dict]:
+    """The app's marks, one record per ended event (none before the app has written any)."""
     p = Path(path)
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def joined(client_turns: list[dict], events: list[dict], fn: int) -> list[dict]:
-    """Each client turn (its `session`, `wall_t0`, `wall_first`) with the app's marks for it: the session's events
-    of dependency `fn`, in order, paired with its turns in order."""
-    by_session: dict[str, list[dict]] = {}
-    for e in sorted(events, key=lambda e: e["push"]):
-        if e.get("fn") == fn:
-            by_session.setdefault(e["session"], []).append(e)
-    out, seen = [], {}
-    for t in sorted(client_turns, key=lambda t: t["wall_t0"]):
-        i = seen.get(t["session"], 0)
-        seen[t["session"]] = i + 1
-        marks = by_session.get(t["session"], [])
-        if i < len(marks) and t.get("wall_first"):
-            out.append({**marks[i], "t0": t["wall_t0"], "first": t["wall_first"]})
+def events_for(path: str | Path, turns: list[dict], timeout_s: float = 5.0) -> list[dict]:
+    """The app's marks once it has written one for each of these turns (it writes an event's marks as it ends,
+    just after the client saw the end), or what there is after `timeout_s`."""
+    wanted = {t.get("event_id") for t in turns}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = read_events(path)
+        if wanted <= {e.get("event_id") for e in events} or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
+
+
+def joined(client_turns: list[dict], events: list[dict]) -> list[dict]:
+    """Each client turn (its `event_id`, `wall_t0`, `wall_first`) with the app's marks for that event."""
+    by_id = {e.get("event_id"): e for e in events}
+    out = []
+    for t in client_turns:
+        marks = by_id.get(t.get("event_id"))
+        if marks is not None and t.get("wall_first"):
+            out.append({**marks, "t0": t["wall_t0"], "first": t["wall_first"]})
     return out
 
 
 def segments(turns: list[dict]) -> dict[str, float | None]:
-    """Median ms of each segment over joined turns (those that have both of its marks), and how many turns."""
+    """Mean ms of each segment over joined turns, and the mean wait they add up to (means, unlike medians, add
+    up); how many turns."""
     res: dict[str, float | None] = {}
     for name, a, b in SEGMENTS:
         d = [1000 * (t[b] - t[a]) for t in turns if t.get(a) is not None and t.get(b) is not None]
-        res[name] = round(statistics.median(d), 1) if d else None
+        res[name] = round(statistics.fmean(d), 1) if d else None
+    waits = [1000 * (t["first"] - t["t0"]) for t in turns]
+    res["first text (mean)"] = round(statistics.fmean(waits), 1) if waits else None
     res["turns"] = len(turns)
     return res

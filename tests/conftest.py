@@ -67,6 +67,7 @@ def launched(engines, tmp_path, monkeypatch):
     kw = launch_kwargs(st.cfg, i18n)
     kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
     _, url, _ = demo.launch(**kw)
+    st.demo = demo  # for tests that look at the server's own state (its queue)
     try:
         yield url, engines, st
     finally:

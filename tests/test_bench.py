@@ -66,29 +66,24 @@ def test_a_browser_turn_runs_on_its_page_session(launched):
     assert second_turn and second_turn[0][-2]["role"] == "assistant"
 
 
-def test_the_timeline_splits_each_turns_wait_into_steps_that_add_up(launched, monkeypatch, tmp_path):
-    """bench_app --timeline: the app's marks joined with the client's, turn by turn, in order; the steps cover the
-    whole wait from Enter to the first text, so none of it goes unaccounted for."""
-    import httpx
-
-    from bench.pages import enter_event, users_on_pages
-    from bench.timeline import SEGMENTS, joined, read_events, segments
+def test_the_timeline_splits_each_turns_wait_into_steps_in_order(launched, monkeypatch, tmp_path):
+    """bench_app --timeline: the app's marks joined with the client's by event id, turn by turn; each turn's marks
+    come in the order of the steps, and their means add up to the mean wait from Enter to the first text."""
+    from bench.pages import users_on_pages
+    from bench.timeline import SEGMENTS, events_for, joined, record_timeline, segments
     from tests.fakes import FakeEngine
 
     url, _, _ = launched
-    from bench.timeline import record_timeline
-
     record_timeline(tmp_path / "t.jsonl", FakeEngine, monkeypatch.setattr)
     turns, _, _ = asyncio.run(users_on_pages(url, 2, 2, 16))
-    time.sleep(0.2)
-    rows = joined(turns, read_events(tmp_path / "t.jsonl"), enter_event(httpx.get(url + "config").json()))
-    assert len(rows) == 4 and len({r["session"] for r in rows}) == 2
+    rows = joined(turns, events_for(tmp_path / "t.jsonl", turns))
+    assert len(rows) == 4 and len({r["session"] for r in rows}) == 2 and len({r["event_id"] for r in rows}) == 4
     for r in rows:
         steps = [r[b] - r[a] for _, a, b in SEGMENTS]
         assert all(s >= -0.002 for s in steps), steps  # marks in order (clocks of one machine)
-        assert sum(steps) == pytest.approx(r["first"] - r["t0"], abs=1e-6)
     s = segments(rows)
     assert s["turns"] == 4 and all(s[name] is not None for name, _, _ in SEGMENTS)
+    assert sum(s[name] for name, _, _ in SEGMENTS) == pytest.approx(s["first text (mean)"], abs=0.5)
 
 
 def test_users_in_browsers_of_their_own_start_together_and_keep_their_conversations(launched):
@@ -104,6 +99,18 @@ def test_users_in_browsers_of_their_own_start_together_and_keep_their_conversati
     assert asked == sorted(f"User {u}" for u in range(4) for _ in range(2))  # numbered across processes
     starts = [t["wall_t0"] for t in turns if t["turn"] == 0]
     assert max(starts) - min(starts) < 0.5 * wall and loads["wall_end"] - loads["wall_start"] == pytest.approx(wall)
+
+
+def test_a_measuring_process_that_fails_ends_the_run_instead_of_hanging_it(launched):
+    """users_in_browsers: one user's process failing (here a history that cannot be sent) must end the run with its
+    error; the others waited for it at the start, and the idle pages for the end, forever (review)."""
+    from bench.pages import users_in_browsers
+
+    url, _, _ = launched
+    t0 = time.monotonic()
+    with pytest.raises(TypeError, match="JSON serializable"):
+        users_in_browsers(url, 2, 1, 16, per_process=1, idle_pages=1, histories=[[{1}], [{2}]])
+    assert time.monotonic() - t0 < 60
 
 
 def test_idle_pages_stay_open_in_a_browser_of_their_own_while_users_chat(launched):
@@ -359,25 +366,37 @@ def test_the_queue_does_not_tabulate_every_past_event_after_each_one(launched, m
     assert tables == []
 
 
-def test_the_queue_keeps_the_latest_events_and_still_summarises_them():
-    """What keep_queue_analytics_small leaves of Gradio's View API figures: the last N events, summarised every M."""
+def test_the_queue_keeps_the_latest_events_and_still_summarises_them(launched):
+    """What keep_queue_analytics_small leaves of Gradio's View API figures: the last N events, summarised every M,
+    on the running app's own queue; and a row dropped while its event still runs must not stop the queue (review:
+    Gradio writes to it without looking, and a KeyError there ended every user's events)."""
     from gradio.queueing import Queue
 
-    from ui.page import keep_queue_analytics_small
+    from bench.pages import users_on_pages
+    from ui.queue_analytics import keep_queue_analytics_small
 
-    queue = Queue.__new__(Queue)  # the analytics part of a queue, without a server
-    queue.event_analytics, queue.event_count_at_last_cache, queue.cached_event_analytics_summary = {}, 0, {}
-    keep_queue_analytics_small(queue, events=5, every=3)
+    url, _, st = launched
+    queue = st.demo._queue
+    assert type(queue.event_analytics).__name__ == "_RecentEvents"  # the app's own queue, after launch
+    keep_queue_analytics_small(queue, events=3, every=2)
+    turns, _, _ = asyncio.run(users_on_pages(url, 2, 3, 16))
+    assert len(turns) == 6 and not any(t["error"] for t in turns)
+    assert len(queue.event_analytics) == 3 and queue.cached_event_analytics_summary["functions"]
+
+    offline = Queue.__new__(Queue)  # the analytics part of a queue, to follow its counting exactly
+    offline.event_analytics, offline.event_count_at_last_cache, offline.cached_event_analytics_summary = {}, 0, {}
+    offline.ANAYLTICS_CACHE_FREQUENCY = 1  # as Gradio sets it
+    keep_queue_analytics_small(offline, events=5, every=3)
     summaries = []
     for i in range(20):
-        queue.event_analytics[str(i)] = {"time": i, "status": "success", "process_time": 0.1, "function": "chat"}
-        before = queue.event_count_at_last_cache
-        queue.compute_analytics_summary(queue.event_analytics)
-        if queue.event_count_at_last_cache != before:
+        offline.event_analytics[str(i)] = {"time": i, "status": "queued", "process_time": None, "function": "chat"}
+        offline.event_analytics[str(max(0, i - 7))]["status"] = "success"  # an event that started long ago ends
+        before = offline.event_count_at_last_cache
+        offline.compute_analytics_summary(offline.event_analytics)
+        if offline.event_count_at_last_cache != before:
             summaries.append(i)
-    assert list(queue.event_analytics) == [str(i) for i in range(15, 20)]
+    assert list(offline.event_analytics) == [str(i) for i in range(15, 20)]
     assert summaries == [2, 5, 8, 11, 14, 17]
-    assert queue.cached_event_analytics_summary["functions"]["chat"]["total_requests"] == 5
 
 
 def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):

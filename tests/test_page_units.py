@@ -191,31 +191,52 @@ def test_concurrency_per_engine_can_follow_what_its_cache_holds():
     assert limits == {"text": 5, "vision": 8}
 
 
-def test_a_turn_s_inputs_are_what_gradio_s_preprocess_makes():
-    """The turn events take their inputs unprocessed (preprocess=False) and convert them in line: the values must be
-    exactly what Gradio's own preprocess hands a function (data model, then preprocess; a State as it is)."""
-    import gradio as gr
+def test_a_turn_s_inputs_are_what_gradio_s_preprocess_makes(tmp_path, monkeypatch):
+    """The turn events take their inputs unprocessed (preprocess=False) and convert them in line: on the page's own
+    Enter event, Gradio's preprocess_data with preprocess on must hand the function exactly what ours makes, and
+    refuse what it refuses with the same message (a slider below its minimum)."""
+    import asyncio
+    import copy
 
+    from gradio.state_holder import SessionState
+
+    from bench.pages import enter_event
+    from tests.conftest import fake_startup
+    from tests.fakes import FakeEngine
+    from ui.page import build_demo
     from ui.rendered import preprocessed
 
-    chatbot, box, slider = gr.Chatbot(render=False), gr.Textbox(render=False), gr.Slider(0, 2, render=False)
-    seed, state = gr.Number(precision=0, render=False), gr.State(render=False)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    st = fake_startup(FakeEngine("text"), FakeEngine("vision"))
+    demo, _ = build_demo(st.slots, st.cfg, st.system_info)
+    turn = demo.fns[enter_event(demo.get_config_file())]
+    assert turn.preprocess is False
     history = [
         {"role": "user", "content": [{"type": "text", "text": "\u2060  indented"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "**bold**"}], "metadata": None, "options": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "**bold**"}], "metadata": {"title": "t"}, "options": []},
     ]
-    comps = [chatbot, box, slider, seed, state]
-    values = [history, "hi", 0.7, 3.0, 5]
-    gradio_made = [
-        chatbot.preprocess(chatbot.data_model.model_validate(history)),
-        box.preprocess("hi"),
-        slider.preprocess(0.7),
-        seed.preprocess(3.0),
-        5,
-    ]
-    assert preprocessed(comps, values) == gradio_made
-    assert isinstance(preprocessed([seed], [3.0])[0], int)
-    assert preprocessed([chatbot, box], [None, None]) == [chatbot.preprocess(None), box.preprocess(None)]
+    cases = {
+        "plain": ["msg", history, "sys", 0.7, 0.9, 40, 256, 1.05, 3.0, 0],
+        "nones": [None, None, None, 0.7, 0.9, 40, 256, 1.05, None, 0],
+        "seed with a fraction": ["m", [], "s", 0.7, 0.9, 40.4, 256, 1.05, 3.7, 0],
+        "below the minimum": ["m", [], "s", -1.0, 0.9, 40, 256, 1.05, 3, 0],
+    }
+
+    async def inputs(gradio_preprocess: bool, payload: list):
+        turn.preprocess = gradio_preprocess
+        try:
+            out = await demo.preprocess_data(turn, copy.deepcopy(payload), SessionState(demo))
+            return ("ok", out if gradio_preprocess else preprocessed(turn.inputs, tuple(out)))
+        except Exception as e:
+            return ("refused", type(e).__name__, str(e))
+        finally:
+            turn.preprocess = False
+
+    for name, payload in cases.items():
+        gradio_made, ours = asyncio.run(inputs(True, payload)), asyncio.run(inputs(False, payload))
+        assert ours == gradio_made, name
+    assert asyncio.run(inputs(False, cases["below the minimum"]))[:2] == ("refused", "Error")
+    assert isinstance(asyncio.run(inputs(False, cases["seed with a fraction"]))[1][8], int)
 
 
 def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkeypatch):

@@ -331,10 +331,11 @@ def build_chat_tab(
             however it ends, without asking the server."""
             gr.on(triggers, None, None, buttons, js=lock, api_visibility="private", queue=False)
             page_turn = streaming.refusals_as_toasts(fn, lambda e: (gr.skip(), gr.skip(), f"⚠️ {e.message}", gr.skip()))
+            inputs = [*inputs, sent]
             ev = gr.on(
                 triggers,
-                rendered_turn(page_turn, [*inputs, sent], chatbot, stats),  # converts in line, unchanged messages once
-                [*inputs, sent],
+                rendered_turn(page_turn, inputs, chatbot, stats),  # converts in line, unchanged messages once
+                inputs,
                 [sent, chatbot, stats, saved],
                 preprocess=False,
                 postprocess=False,

@@ -6,7 +6,6 @@ import atexit
 import html
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import gradio as gr
@@ -18,6 +17,7 @@ from ui.chat_tab import build_chat_tab
 from ui.files import Scratch
 from ui.i18n import build_i18n
 from ui.image_tab import build_image_tab
+from ui.queue_analytics import keep_queue_analytics_small
 from ui.system_tab import STATE_ICONS, build_system_tab
 
 log = logging.getLogger(__name__)
@@ -283,40 +283,8 @@ def build_demo(
     demo_ref.append(demo)
     atexit.register(scratch.close)  # the files written for sessions (and the drawn examples) go with the server
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()))
-    keep_queue_analytics_small(demo._queue)
+    keep_queue_analytics_small(demo._queue)  # ui/queue_analytics.py: Gradio 6.17's queue slowed with uptime
     return demo, i18n
-
-
-# events whose timings Gradio's queue keeps, and how many events between two summaries of them (upstream keeps 10,000
-# since https://github.com/gradio-app/gradio/pull/13756, and still summarises after every event)
-ANALYTICS_EVENTS = 10_000
-ANALYTICS_SUMMARY_EVERY = 1_000
-
-
-class _RecentEvents(OrderedDict):
-    """The queue's per-event timings, the oldest dropped past `limit`. The queue summarises when the count grew by
-    its frequency since the last summary, so each drop moves that mark back by one, as if the count kept growing."""
-
-    def __init__(self, queue, limit: int) -> None:
-        super().__init__(queue.event_analytics)
-        self.queue, self.limit = queue, limit
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-            self.queue.event_count_at_last_cache -= 1
-
-
-def keep_queue_analytics_small(queue, events: int = ANALYTICS_EVENTS, every: int = ANALYTICS_SUMMARY_EVERY) -> None:
-    """Bound what Gradio 6.17's queue keeps about past events, and summarise it every `every` events, not each one.
-
-    At the end of every event, the queue builds a pandas table of every event the server has run (for the View API
-    page's latency figures) in a worker thread holding the interpreter: ~3 ms at first, 50 ms at 50,000 events, and
-    nothing is ever dropped, so a long-running app slows down with its uptime (issue 14).
-    """
-    queue.event_analytics = _RecentEvents(queue, events)
-    queue.ANAYLTICS_CACHE_FREQUENCY = every  # sic: Gradio's spelling
 
 
 def launch_kwargs(cfg: AppConfig, i18n) -> dict:

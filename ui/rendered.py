@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable
 
 import gradio as gr
+from gradio.exceptions import ComponentProcessingError
 from gradio.utils import is_prop_update
 
 
@@ -55,15 +56,24 @@ class Rendered:
 
 def preprocessed(components: list[gr.components.Component], values: tuple) -> list:
     """What Gradio's preprocess would hand the function for these inputs: each value validated into the component's
-    data model, when it has one, then through its `preprocess`. States pass as they are (Gradio gives a State's
-    value from the session either way)."""
+    data model, when it has one, then through its `preprocess`; a refusal (gr.Error, e.g. a slider below its
+    minimum) as it is, anything else as Gradio's own ComponentProcessingError. States pass as they are (Gradio
+    gives a State's value from the session either way). These are the page's components, not a session's copies:
+    no event sends these inputs new properties."""
     out = []
-    for comp, value in zip(components, values):
-        if isinstance(comp, gr.State):
+    for i, (comp, value) in enumerate(zip(components, values)):
+        if comp.stateful:
             out.append(value)
             continue
         model = getattr(comp, "data_model", None)
-        out.append(comp.preprocess(model.model_validate(value) if model is not None and value is not None else value))
+        try:
+            out.append(comp.preprocess(model.model_validate(value) if model is not None and value is not None else value))
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise ComponentProcessingError(
+                f"Could not preprocess input component at index {i} (a `{comp.get_block_name()}` component): {e}"
+            ) from e
     return out
 
 
