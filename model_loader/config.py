@@ -75,7 +75,12 @@ class AppConfig:
     vision_batch_size: int = setting(8, "APP_VISION_BATCH_SIZE", "Image requests the engine runs at once.")
     prefix_caching: bool = setting(True, "APP_PREFIX_CACHING", "Reuse the KV cache of a repeated conversation prefix.")
     load_order: str = setting("auto", "APP_LOAD_ORDER", "Which engine is built first (auto: the planner picks).", LOAD_ORDERS)
-    backend: str = setting("turbomind", "APP_BACKEND", "turbomind in this process, or an lmdeploy api_server.", BACKENDS)
+    backend: str = setting(
+        "turbomind",
+        "APP_BACKEND",
+        "turbomind in this process, or an lmdeploy api_server (--server-url URL for both models, or one per model below).",
+        BACKENDS,
+    )
     text_server_url: str = setting("", "APP_TEXT_SERVER_URL", "api_server (or proxy) URL for the text model.")
     vision_server_url: str = setting("", "APP_VISION_SERVER_URL", "api_server (or proxy) URL for the vision model.")
     text_server_model: str = setting(
