@@ -2,9 +2,9 @@
 postprocess: inputs without a worker-thread hop each, outputs once per message rather than once per update.
 
 Gradio preprocesses each input of an event in a worker thread, one after the other. Under load, each hop waits for
-the event loop, which is busy with every other stream: the ten inputs of a turn took 64-84 ms at 32 users on an
-H100 before its message was shown and the engine asked (bench --timeline). Their preprocess is a few microseconds
-of plain Python, so the turn events run with `preprocess=False` and convert them in line (`preprocessed`).
+the event loop, which is busy with every other stream: the ten inputs of a turn took 64-160 ms at 32 users on an
+H100 before its message was shown and the engine asked (bench_app --timeline, three calls; docs/throughput.md).
+Their preprocess is plain Python, so the turn events run with `preprocess=False` and convert them in line.
 
 Gradio postprocesses every output of every streamed update: for the Chatbot that is a deep copy and a pydantic model
 for each message of the history, plus a worker-thread hop for each output. A turn's updates differ in their last
