@@ -338,6 +338,9 @@ def test_a_refusal_leaves_the_conversation_in_view(page):
     page_has(pg, "Upload an image first")
     pg.wait_for_timeout(300)
     assert pg.locator("#image-chatbot .error, #image-question .error").count() == 0
+    # a refusal is a warning in both tabs (new-user trial: the Image tab's was Gradio's red "Error" toast)
+    assert pg.locator(".toast-body.warning", has_text="Upload an image first").count() == 1
+    assert pg.locator(".toast-body.error").count() == 0
     assert pg.input_value("#image-question textarea") == "what is this?"  # kept, to ask once the image is there
 
 

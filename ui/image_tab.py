@@ -218,7 +218,13 @@ def build_image_tab(
         sink = gr.Textbox(visible=False)
 
         def check_question(q, history, image, request: gr.Request) -> str:
-            accept(q, history, image, request)
+            """A refusal is a warning toast, as in the chat tab; the event still fails (without a toast of its own)
+            so that the question is neither added nor asked."""
+            try:
+                accept(q, history, image, request)
+            except gr.Error as e:
+                gr.Warning(e.message, title=e.title)
+                raise gr.Error(e.message, title=e.title, visible=False, print_exception=False) from e
             return ""
 
         checked = gr.on(
