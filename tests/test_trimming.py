@@ -53,6 +53,20 @@ def test_message_over_the_window_is_refused_with_or_without_a_system_prompt(syst
     assert "8,192-token window" in e.value.message
 
 
+def test_the_advice_on_a_message_too_long_is_one_the_user_can_follow():
+    """Lowering Max new tokens is suggested only when it would make the message fit, with the value to lower it to
+    (new-user trial: at the slider's minimum of 16 the message still said to lower it)."""
+    eng = FakeEngine(session_len=1000)
+    at_minimum = [{"role": "user", "content": "word " * 2000}]
+    with pytest.raises(gr.Error) as e:
+        asyncio.run(fit(eng, at_minimum, 1000, streaming.MIN_MAX_NEW_TOKENS))
+    assert "Shorten it." in e.value.message and "Max new tokens" not in e.value.message
+    near = [{"role": "user", "content": "word " * 900}]  # 904 tokens: fits if the reply keeps 96 or fewer
+    with pytest.raises(gr.Error) as e:
+        asyncio.run(fit(eng, near, 1000, 512))
+    assert "or lower Max new tokens to 96 or less" in e.value.message
+
+
 def test_oldest_turns_are_dropped_keeping_system_and_question():
     eng = FakeEngine()
     msgs = conversation_of(10)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
 MAX_UI_INTERVAL_S = 0.25
+MIN_MAX_NEW_TOKENS = 16  # the Max new tokens slider's minimum and step
 STOPPED = "⏹ Stopped: the reply above is as far as it got."
 NOTHING_TO_STOP = "Nothing is being written in this chat right now."
 WAIT_POLL_S = 0.5  # how often a reply that has no text yet checks whether it waits for a free slot
@@ -197,7 +198,9 @@ def sampling_sliders(i18n, defaults: GenSettings, max_new_limit: int) -> list:
         top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label=i18n("top_p"))
         top_k = gr.Slider(1, 100, defaults.top_k, step=1, label=i18n("top_k"))
     with gr.Row():
-        max_new = gr.Slider(16, max_new_limit, defaults.max_new_tokens, step=16, label=i18n("max_new_tokens"))
+        max_new = gr.Slider(
+            MIN_MAX_NEW_TOKENS, max_new_limit, defaults.max_new_tokens, step=MIN_MAX_NEW_TOKENS, label=i18n("max_new_tokens")
+        )
         rep = gr.Slider(1.0, 1.5, defaults.repetition_penalty, step=0.01, label=i18n("repetition_penalty"))
         seed = gr.Number(defaults.seed, precision=0, label=i18n("seed"))
     return [temperature, top_p, top_k, max_new, rep, seed]
@@ -300,9 +303,11 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, engine.count_tokens, budget)
     if tokens > budget:
         with_system = " with the system prompt" if kept[0]["role"] == "system" else ""
+        room = session_len - tokens  # what a reply could keep if the message stays as it is
+        advice = f"Shorten it or lower Max new tokens to {room:,} or less." if room >= MIN_MAX_NEW_TOKENS else "Shorten it."
         raise refuse(
             f"This message is too long for the model's {session_len:,}-token window: it takes {tokens:,} tokens"
-            f"{with_system}, and {max_new:,} are kept for the reply. Shorten it or lower Max new tokens.",
+            f"{with_system}, and {max_new:,} are kept for the reply. {advice}",
             "Message too long",
         )
     if dropped:
