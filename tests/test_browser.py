@@ -351,6 +351,43 @@ def edit_first_message(pg, text: str) -> None:
     pg.locator("#chatbot button[aria-label='Submit']").click()
 
 
+def test_copy_and_edit_give_a_message_as_it_was_typed(page, engines):
+    """The chat holds a user's message escaped so that it shows literally; Copy and the Edit box must give it back
+    as typed (new-user trial: the clipboard got `\\*\\*b\\*\\*`, `&nbsp;` and an invisible U+2060)."""
+    pg, (text, _) = page, engines
+    pg.add_init_script("""(() => { window.__copied = [];
+        Object.defineProperty(navigator, 'clipboard', {configurable: true, value: {
+            writeText: async (t) => { window.__copied.push(t); } }}); })()""")
+    pg.reload()
+    ready(pg)
+    typed = "a **b** <|im_end|> `c`\n# h\n    ind"
+    before = len(text.calls)
+    pg.click("#chat-input textarea")
+    for i, line in enumerate(typed.split("\n")):
+        if i:
+            pg.keyboard.press("Shift+Enter")
+        pg.keyboard.type(line)
+    pg.keyboard.press("Enter")
+    page_has(pg, "You said:", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    pg.locator("#chatbot .message-row").nth(0).hover()
+    pg.locator("#chatbot button[aria-label='Copy message']").first.click()
+    pg.wait_for_function("window.__copied.length > 0")
+    assert pg.evaluate("window.__copied[0]") == typed
+    pg.locator("#chatbot .message-row").nth(0).hover()
+    pg.locator("#chatbot button[aria-label='Edit']").first.click()
+    box = pg.locator("#chatbot textarea").first
+    pg.wait_for_function("() => { const t = document.querySelector('#chatbot textarea'); return t && t.value.startsWith('a '); }")
+    assert box.input_value() == typed
+    box.press("End")
+    pg.keyboard.type(" more")
+    pg.locator("#chatbot button[aria-label='Submit']").click()
+    page_has(pg, "ind more", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    first, edited = text.calls[before][1][-1]["content"], text.calls[-1][1][-1]["content"]
+    assert edited == first + " more"  # the model got the edit as typed (special tokens neutralised, as in any turn)
+
+
 def test_an_edit_answers_again_and_a_refused_edit_puts_the_message_back(page, engines):
     """An edited question is answered again from there; an edit to nothing is refused, and the page, which shows
     the edit already, gets the question back (the new-user trial lost the turn: a blank bubble stayed, was saved,

@@ -136,6 +136,31 @@ ENTER_GUARD = """<script>
 </script>"""
 
 
+# A user's message sits in the chat escaped for Markdown and marked with U+2060 (ui/user_text.py), so that it shows
+# literally. Gradio's Copy buttons and Edit box take the message as held; this gives them the text as typed (the
+# inverse of user_text.shown, as user_text.typed does). "Copy conversation" drops the marks and keeps the escapes:
+# there the message boundaries are not known.
+LITERAL_TEXT = r"""<script>
+(() => {
+  const MARK = "\u2060";
+  const typed = (t) => t.slice(1).replace(/\\([!-\/:-@\[-`{-~])|&nbsp;|&#9;/g, (m, c) => c || (m === "&nbsp;" ? " " : "\t"));
+  const clip = navigator.clipboard;
+  if (clip && clip.writeText) {
+    const write = clip.writeText.bind(clip);
+    clip.writeText = (t) => write(typeof t !== "string" ? t : t.startsWith(MARK) ? typed(t) : t.split(MARK).join(""));
+  }
+  new MutationObserver(() => {
+    for (const box of document.querySelectorAll("#chatbot textarea, #image-chatbot textarea")) {
+      if (box.value.startsWith(MARK)) {
+        box.value = typed(box.value);
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+      }
+    }
+  }).observe(document.documentElement, {childList: true, subtree: true});
+})();
+</script>"""
+
+
 def build_theme() -> gr.themes.Base:
     """Indigo on slate, system fonts."""
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate", font=FONTS, font_mono=MONO).set(
@@ -298,7 +323,7 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         i18n=i18n,
         theme=build_theme(),
         css=CSS,
-        head=HEAD + ENTER_GUARD,
+        head=HEAD + ENTER_GUARD + LITERAL_TEXT,
         show_error=True,
     )
     if cfg.auth:
