@@ -62,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--users-per-client",
         type=int,
         default=0,
-        help="users per measuring process, as people have browsers of their own (0: all in one process; on the H100, "
-        "8 per process measured no better: docs/throughput.md)",
+        help="users per measuring process, as people have browsers of their own (0: all in one process; 8 per process "
+        "measured no better in one H100 call: docs/throughput.md)",
     )
     ap.add_argument(
         "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
