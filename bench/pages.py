@@ -93,7 +93,8 @@ class Page:
     async def load(self) -> float:
         """The page's load events, as a browser runs them on opening the page; returns their wall time (s)."""
         t0 = time.perf_counter()
-        await asyncio.gather(*[self.predict(d["id"], input_defaults(self.config, d)) for d in deps_where(self.config, "load")])
+        loads = [d for d in deps_where(self.config, "load") if d.get("backend_fn")]  # js-only ones run in the page
+        await asyncio.gather(*[self.predict(d["id"], input_defaults(self.config, d)) for d in loads])
         return time.perf_counter() - t0
 
     async def turn(self, history: list, text: str, max_new: int = 256) -> dict:

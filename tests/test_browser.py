@@ -351,6 +351,27 @@ def edit_first_message(pg, text: str) -> None:
     pg.locator("#chatbot button[aria-label='Submit']").click()
 
 
+def test_the_chat_settings_are_kept_across_a_reload_and_used(page, engines):
+    """A reload keeps the conversation, so it keeps the settings it was held with too (new-user trial: the system
+    prompt and Max new tokens went back to their defaults, and the restored chat went on without saying so)."""
+    pg, (text, _) = page, engines
+    pg.get_by_text("Settings").first.click()
+    pg.locator("#chat-system textarea").fill("You answer like a pirate.")
+    numbers = pg.locator("#chat-settings input[type=number]")
+    numbers.nth(0).fill("1.3")  # temperature
+    numbers.nth(0).press("Enter")
+    pg.wait_for_timeout(300)
+    pg.reload()
+    ready(pg)
+    pg.get_by_text("Settings").first.click()
+    assert pg.locator("#chat-system textarea").input_value() == "You answer like a pirate."
+    assert float(pg.locator("#chat-settings input[type=number]").nth(0).input_value()) == 1.3
+    type_and_enter(pg, "ahoy")
+    page_has(pg, "You said: ahoy", "#chatbot")
+    _, messages, settings = text.calls[-1]
+    assert messages[0] == {"role": "system", "content": "You answer like a pirate."} and settings.temperature == 1.3
+
+
 def test_copy_and_edit_give_a_message_as_it_was_typed(page, engines):
     """The chat holds a user's message escaped so that it shows literally; Copy and the Edit box must give it back
     as typed (new-user trial: the clipboard got `\\*\\*b\\*\\*`, `&nbsp;` and an invisible U+2060)."""

@@ -174,7 +174,7 @@ def build_chat_tab(
             for text in EXAMPLES:  # fills the box in the page, no server round trip
                 chip = gr.Button(text, size="sm", variant="secondary", elem_classes="example-chip")
                 chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_visibility="private", queue=False)
-        with gr.Accordion(i18n("settings"), open=False):
+        with gr.Accordion(i18n("settings"), open=False, elem_id="chat-settings"):
             system = gr.Textbox(DEFAULT_SYSTEM, label=i18n("system_prompt"), lines=3, elem_id="chat-system")
             temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
         with gr.Accordion(i18n("export"), open=False):
@@ -249,6 +249,10 @@ def build_chat_tab(
             return export(history, "json", request)
 
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
+        # the settings are kept in the browser as they change, in the page alone (ui/page.py puts them back at load)
+        kept_settings = gr.BrowserState(None, storage_key="internlm2-chat-settings")
+        keep = "(...values) => [values]"
+        gr.on([c.change for c in settings], None, settings, kept_settings, js=keep, api_visibility="private", queue=False)
         buttons = [send, stop, regen]
         # quick checks never wait behind replies; "minimal" progress leaves the box usable after a refusal
         ui = dict(concurrency_limit=None, concurrency_id="ui", show_progress="minimal")
@@ -376,5 +380,5 @@ def build_chat_tab(
         export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
         export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
-    tab.regen = regen
+    tab.regen, tab.settings, tab.kept_settings = regen, settings, kept_settings
     return tab

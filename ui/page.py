@@ -286,6 +286,9 @@ def build_demo(
 
         outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
         demo.load(on_load, [known, saved], [*outputs, chat.chatbot], api_visibility="private", queue=False)
+        # the chat's settings as this browser left them, put back in the page (a kept value of another shape is ignored)
+        restore = "(kept, ...now) => (Array.isArray(kept) && kept.length === now.length ? kept : now)"
+        demo.load(None, [chat.kept_settings, *chat.settings], chat.settings, js=restore, api_visibility="private")
 
         def status() -> dict:
             return engine_status(slots)
