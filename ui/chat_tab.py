@@ -271,11 +271,12 @@ def build_chat_tab(
         sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
         UNSAVED = None  # the browser keeps the conversation it saved last
 
-        async def answer(first, history, system_prompt, sampling, request):
-            """Every turn once its checks passed: show `first` and save the chat as it starts (a reload mid-reply
-            keeps the question, to answer again), stream, then save the answer (the page gives the controls back).
-            `sampling` is the sliders' values in settings_from's order."""
-            yield (*first[:3], save(history, "")[0])
+        async def answer(sent_now, history, system_prompt, sampling, request):
+            """Every turn once its checks passed: show `history` and save it as it starts (a reload mid-reply keeps
+            the question, to answer again), stream, then save the answer (the page gives the controls back).
+            `sent_now` is the page's new `sent` count, or gr.skip(); `sampling` is the sliders' values in
+            settings_from's order."""
+            yield (sent_now, history, "…", save(history, "")[0])
             current, line = history, ""
             async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
                 yield (gr.skip(), current, line, UNSAVED)
@@ -296,9 +297,8 @@ def build_chat_tab(
                                        reserved=engine.info.reserved)  # fmt: skip
             await streaming.fit_messages(engine, alone, engine.info.session_len or 8192, int(max_new_tokens))
             replies.accepted(key(request))
-            first = (sent_before + 1, history, "…", UNSAVED)  # the page empties the box
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in answer(first, history, system_prompt, sampling, request):
+            async for update in answer(sent_before + 1, history, system_prompt, sampling, request):  # box emptied
                 yield update
 
         async def regenerate_turn(
@@ -309,7 +309,7 @@ def build_chat_tab(
             streaming.engine_or_error(slot)
             history = regenerate(history, request)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in answer((gr.skip(), history, "…", UNSAVED), history, system_prompt, sampling, request):
+            async for update in answer(gr.skip(), history, system_prompt, sampling, request):
                 yield update
 
         async def edit_turn(
@@ -325,7 +325,7 @@ def build_chat_tab(
                 yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
                 raise
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in answer((gr.skip(), history, "…", UNSAVED), history, system_prompt, sampling, request):
+            async for update in answer(gr.skip(), history, system_prompt, sampling, request):
                 yield update
 
         def turn(triggers, fn, inputs):

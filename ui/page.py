@@ -149,14 +149,13 @@ LITERAL_TEXT = r"""<script>
     const write = clip.writeText.bind(clip);
     clip.writeText = (t) => write(typeof t !== "string" ? t : t.startsWith(MARK) ? typed(t) : t.split(MARK).join(""));
   }
-  new MutationObserver(() => {
-    for (const box of document.querySelectorAll("#chatbot textarea, #image-chatbot textarea")) {
-      if (box.value.startsWith(MARK)) {
-        box.value = typed(box.value);
-        box.dispatchEvent(new Event("input", {bubbles: true}));
-      }
+  document.addEventListener("focusin", (e) => {  // the Edit box takes the focus as it opens
+    const box = e.target;
+    if (box instanceof HTMLTextAreaElement && box.closest("#chatbot, #image-chatbot") && box.value.startsWith(MARK)) {
+      box.value = typed(box.value);
+      box.dispatchEvent(new Event("input", {bubbles: true}));
     }
-  }).observe(document.documentElement, {childList: true, subtree: true});
+  });
 })();
 </script>"""
 
