@@ -13,6 +13,16 @@ from model_loader.startup import Startup
 from tests.fakes import FakeEngine
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _client_keeps_early_completions():
+    """Backport gradio_client 2.7's fix for calls completed before they are registered (tests/client_race.py)."""
+    from tests.client_race import patch_client
+
+    with pytest.MonkeyPatch.context() as mp:
+        patch_client(mp)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny InternLM2 (AWQ and fp16) and LLaVA checkpoints written by the project's own writer."""

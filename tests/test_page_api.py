@@ -247,6 +247,27 @@ def test_a_reply_cleared_while_it_waits_in_the_queue_never_runs(one_at_a_time):
     assert [m[1][-1]["content"] for m in text.calls] == ["I hold the only slot"], "the cleared question was answered"
 
 
+def test_a_call_answered_before_its_client_registers_it_still_returns(launched, monkeypatch):
+    """The race behind a failed CI run of the test above: /clear completed on the client's open stream before the
+    submitting thread registered it, and gradio_client 2.5.0 cancelled the call (tests/client_race.py)."""
+    url, (text, _), _ = launched
+    text.delay_s = 0.05
+    text.enqueue(" ".join(f"w{i}" for i in range(400)))
+    c = Client(url, verbose=False)
+    chat(c, msg("keep this client's stream open"), max_new=400)
+    while text.active_sessions() == 0:
+        time.sleep(0.01)
+    send = c.send_data
+
+    def registers_late(*args, **kwargs):
+        event_id = send(*args, **kwargs)
+        time.sleep(0.3)  # a busy machine deschedules the submitting thread here
+        return event_id
+
+    monkeypatch.setattr(c, "send_data", registers_late)
+    assert c.submit(api_name="/clear").result(timeout=10)[0] == []
+
+
 def test_a_page_turn_never_waits_in_gradios_queue_behind_other_replies(one_at_a_time):
     """Enter's turn checks, shows the message and streams in one event; held in Gradio's queue it would paint the
     history it joined with over a Clear or Undo made meanwhile (review). The engine's own queue does the waiting,
