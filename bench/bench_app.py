@@ -47,10 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
     ap.add_argument(
         "--app-backend",
-        choices=("turbomind", "api_server"),
+        choices=("turbomind", "engine-process", "api_server"),
         default="turbomind",
-        help="api_server: the app's text engine in its own process (`lmdeploy serve api_server`, the app's engine "
-        "settings), the app as its client; text only",
+        help="engine-process: the app with --engine-process (its engines in a child process); api_server: the app's "
+        "text engine in its own process (`lmdeploy serve api_server`, the app's engine settings), the app as its "
+        "client; text only",
     )
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
     ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
@@ -76,9 +77,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 TIMELINE = OUT / "timeline.jsonl"
 
 
-def start_app(log_path, gradio_profile: bool = False, server_url: str = "", timeline: bool = False) -> subprocess.Popen:
+def start_app(
+    log_path, gradio_profile: bool = False, server_url: str = "", timeline: bool = False, engine_process: bool = False
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
     cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
+    if engine_process:
+        cmd += ["--engine-process"]
     if server_url:
         cmd += ["--backend", "api_server", "--text-server-url", server_url, "--no-enable-vision"]
     with open(log_path, "w") as log:
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         server = start_api_server(OUT / "app_api_server.log")
         wait_api_server(f"http://127.0.0.1:{API_PORT}")
     TIMELINE.unlink(missing_ok=True)  # marks of this invocation only
-    proc = start_app(OUT / "app.log", a.gradio_profile, f"http://127.0.0.1:{API_PORT}" if server else "", a.timeline)
+    server_url = f"http://127.0.0.1:{API_PORT}" if server else ""
+    proc = start_app(OUT / "app.log", a.gradio_profile, server_url, a.timeline, a.app_backend == "engine-process")
     try:
         results["startup"] = asyncio.run(wait_ready(URL, 300))
         results["app"] = app_runs(a, proc.pid)

@@ -44,10 +44,14 @@ def log_gc_pauses(every_s: float = 10.0) -> None:
 
 def main() -> int:
     import app  # noqa: PLC0415
-    from model_loader.engines import api_server, turbomind  # noqa: PLC0415
+    from model_loader.engines import api_server, process, turbomind  # noqa: PLC0415
 
     fixed = turbomind.generation_config
     turbomind.generation_config = lambda s: fixed(dataclasses.replace(s, ignore_eos=True))
+    stream = process.ProcessEngine.stream  # the engine process is spawned, so it is told with each request
+    process.ProcessEngine.stream = lambda self, sid, messages, s: stream(
+        self, sid, messages, dataclasses.replace(s, ignore_eos=True)
+    )
     payload = api_server.openai_payload  # the same for the app over an api_server (bench_app --app-backend)
     api_server.openai_payload = lambda s: payload(dataclasses.replace(s, ignore_eos=True))
     if os.environ.get("BENCH_GC_LOG"):
@@ -57,7 +61,7 @@ def main() -> int:
     if os.environ.get("BENCH_TIMELINE"):  # where each turn's first-text wait goes (bench/timeline.py)
         from bench.timeline import record_timeline  # noqa: PLC0415
 
-        record_timeline(os.environ["BENCH_TIMELINE"], turbomind.LmdeployEngine)
+        record_timeline(os.environ["BENCH_TIMELINE"], (turbomind.LmdeployEngine, process.ProcessEngine))
     if os.environ.get("BENCH_NO_HTTPTOOLS"):  # A/B: uvicorn falls back to h11 (the GPU image has uvloop already)
         import sys  # noqa: PLC0415
 

@@ -29,10 +29,10 @@ SEGMENTS = (
 _event = contextvars.ContextVar("bench_timeline_event", default=None)
 
 
-def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
+def record_timeline(path: str | Path, engine_classes: tuple[type, ...], patch=setattr) -> None:
     """Mark every queued event's steps (above) and append one JSON line per event to `path` when it ends.
 
-    `engine_cls` is the ChatEngine class whose `stream` the page's turns call. The queue runs each event in its own
+    `engine_classes` are the ChatEngine classes whose `stream` the page's turns may call. The queue runs each event in its own
     task, and the turn's generator runs in that task's context, so a context variable carries the event's record.
     `patch` sets each wrapper in place (a test passes monkeypatch.setattr)."""
     from gradio import queueing  # noqa: PLC0415
@@ -42,12 +42,7 @@ def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
 
     out = Path(path)
     records: dict[str, dict] = {}
-    push, process, send, stream = (
-        queueing.Queue.push,
-        queueing.Queue.process_events,
-        queueing.Queue.send_message,
-        engine_cls.stream,
-    )
+    push, process, send = queueing.Queue.push, queueing.Queue.process_events, queueing.Queue.send_message
 
     async def timed_push(self, body, *args, **kwargs):
         t = time.time()
@@ -76,19 +71,23 @@ def record_timeline(path: str | Path, engine_cls: type, patch=setattr) -> None:
             rec.setdefault(key, time.time())
         return send(self, event, message)
 
-    async def timed_stream(self, *args, **kwargs):
-        rec = _event.get()
-        if rec is not None:
-            rec.setdefault("stream", time.time())
-        async for item in stream(self, *args, **kwargs):
-            if rec is not None and "delta" not in rec and isinstance(item, Delta):
-                rec["delta"] = time.time()
-            yield item
+    def timed(stream):
+        async def timed_stream(self, *args, **kwargs):
+            rec = _event.get()
+            if rec is not None:
+                rec.setdefault("stream", time.time())
+            async for item in stream(self, *args, **kwargs):
+                if rec is not None and "delta" not in rec and isinstance(item, Delta):
+                    rec["delta"] = time.time()
+                yield item
+
+        return timed_stream
 
     patch(queueing.Queue, "push", timed_push)
     patch(queueing.Queue, "process_events", timed_process)
     patch(queueing.Queue, "send_message", timed_send)
-    patch(engine_cls, "stream", timed_stream)
+    for cls in engine_classes:
+        patch(cls, "stream", timed(cls.stream))
 
 
 def read_events(path: str | Path) -> list[dict]:

@@ -81,6 +81,11 @@ class AppConfig:
         "turbomind in this process, or an lmdeploy api_server (--server-url URL for both models, or one per model below).",
         BACKENDS,
     )
+    engine_process: bool = setting(
+        False,
+        "APP_ENGINE_PROCESS",
+        "Run the TurboMind engines in a child process, off the web server's interpreter (docs/throughput.md).",
+    )
     text_server_url: str = setting("", "APP_TEXT_SERVER_URL", "api_server (or proxy) URL for the text model.")
     vision_server_url: str = setting("", "APP_VISION_SERVER_URL", "api_server (or proxy) URL for the vision model.")
     text_server_model: str = setting(
@@ -123,6 +128,11 @@ class AppConfig:
                     f"backend api_server needs a URL for the {' and '.join(missing)} model: --server-url (or "
                     f"--{missing[0]}-server-url), or --no-enable-{missing[0]}.",
                     "Point it at `lmdeploy serve api_server` or its proxy, e.g. http://127.0.0.1:23333.",
+                )
+            if self.engine_process:
+                raise ConfigError(
+                    "--engine-process runs TurboMind in a child process; with --backend api_server the engines "
+                    "already run in their servers' processes."
                 )
         elif any(url for _, url in urls.values()):
             raise ConfigError("A server URL is set but the backend is turbomind: add --backend api_server to use it.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ TYPICAL_CONVERSATION_TOKENS = 2048
 # What lmdeploy 0.11.1's TurboMind says when the NVIDIA driver is older than the CUDA 12.1+ it links against
 OLD_DRIVER_SIGNS = ("cuMulticast", "CUDA driver version is insufficient", "cudaErrorInsufficientDriver")
 MIN_DRIVER = "535"
+ENGINE_BUILDER = "model_loader.engines.turbomind:LmdeployEngine.build"  # what the engine process calls, by name
 
 Resolver = Callable[[AppConfig, Mapping[str, str], Callable[[str], None]], object]
 
@@ -77,6 +79,7 @@ class Startup:
     started_at: float = field(default_factory=time.time)
     ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
     _early: list[str] = field(default_factory=list)  # engines built before the plan's turn for them
+    _process: object = None  # the engine process, with --engine-process
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -196,6 +199,21 @@ class Startup:
                     self._build(kind, resolved[kind])
                     finished.add(kind)
 
+    def _engine_process(self):
+        """The child process that builds and runs the engines (--engine-process), started at the first build."""
+        if self._process is None:
+            from model_loader.engines.process import EngineProcess  # noqa: PLC0415
+
+            self._process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
+            self._process.on_exit.append(self._engines_lost)
+            self._process.start()
+        return self._process
+
+    def _engines_lost(self, why: str) -> None:
+        for slot in self.slots.values():
+            if slot.state in ("loading", "ready"):
+                slot.fail(why)
+
     def _fail_fetch(self, kind: str, e: BaseException) -> None:
         slot = self.slots[kind]
         if isinstance(e, AppError):
@@ -249,7 +267,6 @@ class Startup:
         return kind
 
     def _build(self, kind: str, r) -> None:
-        from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
         from model_loader.weights.validation import vision_engine_kind  # noqa: PLC0415
 
         slot = self.slots[kind]
@@ -261,8 +278,14 @@ class Startup:
         self.ratios[kind] = ratio
         cfg = planner.engine_config(self.cfg, self.plan, {kind: ratio})  # "auto" KV precision as the plan resolved it
         slot.say(f"Loading {r.path.name} on {backend} (KV ratio {ratio:.3f}) ...")
+        args = {"kind": kind, "path": r.path, "cfg": cfg, "backend": backend, "awq": kind == "text", "source": r.source}
         try:
-            eng = LmdeployEngine.build(kind, r.path, cfg, backend=backend, awq=kind == "text", source=r.source)
+            if self.cfg.engine_process:  # built and run in the child; this process never imports lmdeploy
+                eng = self._engine_process().build(kind, ENGINE_BUILDER, args)
+            else:
+                from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
+
+                eng = LmdeployEngine.build(**args)
         except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
             log.exception("building the %s engine failed", kind)
             named = engine_error(kind, e)

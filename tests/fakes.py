@@ -198,6 +198,12 @@ class _Instance:
             pipe.running.discard(session_id)
 
 
+def _burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class FakePipe:
     """lmdeploy 0.11.1's AsyncEngine as LmdeployEngine uses it; the time before registration is controllable.
 
@@ -220,9 +226,11 @@ class FakePipe:
         kind: str = "text",
         tokenizer=None,
         chat_template=None,
+        burn_s: float = 0.0,
     ) -> None:
         from lmdeploy.model import MODELS  # noqa: PLC0415
 
+        self.burn_s = burn_s  # Python work per token per reply on lmdeploy's loop, holding the GIL (its detokenizer)
         self.internal_thread = _LoopThread()
         self.tokens, self.delay_s, self.template_s = tokens, delay_s, template_s
         self.instance_num = max_batch_size
@@ -424,6 +432,7 @@ class FakePipe:
                     n_out += len(outputs.token_ids)
                     if outputs.token_ids[-1] == self.EOS:
                         continue
+                    _burn(self.burn_s)
                     yield GenOut(f"t{n_out - 1} ", history_len, n_in, n_out)
                 if outputs.status == ResponseType.CANCEL:
                     reason = "abort"
@@ -437,3 +446,17 @@ class FakePipe:
         self.preprocess_gate.set()
         self._vision_executor.shutdown(wait=False)
         self.internal_thread.loop.call_soon_threadsafe(self.internal_thread.loop.stop)
+
+
+def fake_lmdeploy_engine(
+    kind: str = "text", fail: str = "", path=None, cfg=None, backend="turbomind", awq=False, source="", **pipe_kwargs
+):
+    """LmdeployEngine over a FakePipe, as the engine process builds it for tests ('tests.fakes:fake_lmdeploy_engine');
+    takes LmdeployEngine.build's arguments (and ignores them). `fail` raises a RuntimeError with that text instead,
+    as a failed lmdeploy build does."""
+    from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
+
+    if fail:
+        raise RuntimeError(fail)
+    pipe = FakePipe(kind=kind, **pipe_kwargs)
+    return LmdeployEngine(pipe, EngineInfo(kind=kind, name=f"fake-{kind}", backend="turbomind"))

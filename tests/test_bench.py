@@ -74,7 +74,7 @@ def test_the_timeline_splits_each_turns_wait_into_steps_in_order(launched, monke
     from tests.fakes import FakeEngine
 
     url, _, _ = launched
-    record_timeline(tmp_path / "t.jsonl", FakeEngine, monkeypatch.setattr)
+    record_timeline(tmp_path / "t.jsonl", (FakeEngine,), monkeypatch.setattr)
     turns, _, _ = asyncio.run(users_on_pages(url, 2, 2, 16))
     rows = joined(turns, events_for(tmp_path / "t.jsonl", turns))
     assert len(rows) == 4 and len({r["session"] for r in rows}) == 2 and len({r["event_id"] for r in rows}) == 4

@@ -45,6 +45,13 @@ def test_defaults_match_openxlab():
         {"APP_AUTH": "nopassword"},
         {"APP_BACKEND": "api_server", "APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # vision enabled, no URL
         {"APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # a URL the turbomind backend would ignore
+        # the engines are in their servers' processes already
+        {
+            "APP_BACKEND": "api_server",
+            "APP_TEXT_SERVER_URL": "http://a:1",
+            "APP_VISION_SERVER_URL": "http://b:1",
+            "APP_ENGINE_PROCESS": "1",
+        },
     ],
 )
 def test_bad_settings_are_named_errors(env):

@@ -1,0 +1,225 @@
+"""The engines in a child process (`--engine-process`): the real LmdeployEngine over the faithful FakePipe, built in
+a spawned child, streamed, stopped, abandoned, failed and killed from this process as the page does it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from model_loader.engines.process import EngineProcess, EngineProcessGone
+from model_loader.engines.seam import Delta, GenSettings, Stats
+from model_loader.errors import DriverTooOld, EngineFailed
+
+pytestmark = pytest.mark.timeout(120)
+
+FAKE = "tests.fakes:fake_lmdeploy_engine"
+TEXT = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture(scope="module")
+def host():
+    h = EngineProcess(log_level="WARNING")
+    h.start()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def engine(host):
+    return host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
+
+
+async def collect(eng, sid: int, settings: GenSettings, messages=TEXT) -> list:
+    return [item async for item in eng.stream(sid, messages, settings)]
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_reply_streams_from_the_child_whole_and_in_coalesced_pieces(engine, host, monkeypatch):
+    messages = []
+    deliver = host._deliver
+    monkeypatch.setattr(host, "_deliver", lambda items: (messages.append(len(items)), deliver(items)))
+    items = asyncio.run(collect(engine, 1, GenSettings(max_new_tokens=300)))
+    *deltas, stats = items
+    assert isinstance(stats, Stats) and stats.finish_reason == "length" and stats.output_tokens == 300
+    assert all(isinstance(d, Delta) for d in deltas)
+    assert "".join(d.text for d in deltas) == "".join(f"t{i} " for i in range(300))
+    assert len(messages) < 300 / 3, f"{len(messages)} messages for 300 tokens"
+    assert engine.info.name == "fake-text" and "<|im_end|>" in engine.info.reserved  # built and read in the child
+
+
+def test_many_replies_at_once_each_get_their_own_text(engine):
+    async def main():
+        return await asyncio.gather(*(collect(engine, sid, GenSettings(max_new_tokens=50 + sid)) for sid in range(12)))
+
+    for sid, items in enumerate(asyncio.run(main())):
+        assert items[-1].output_tokens == 50 + sid
+        assert "".join(d.text for d in items[:-1]) == "".join(f"t{i} " for i in range(50 + sid))
+
+
+def test_stop_ends_a_reply_at_once_and_frees_its_slot(engine, host):
+    async def main():
+        task = asyncio.create_task(collect(engine, 7, GenSettings(max_new_tokens=100_000)))
+        await until(lambda: engine.active_sessions() == 1 and host.call("active", "text") == 1)
+        t = time.perf_counter()
+        await engine.stop(7)
+        items = await asyncio.wait_for(task, 5)
+        return items, time.perf_counter() - t
+
+    items, took = asyncio.run(main())
+    assert items[-1].finish_reason == "abort" and took < 2
+    assert engine.active_sessions() == 0 and host.call("active", "text") == 0
+
+
+def test_a_reader_that_goes_away_cancels_its_reply_in_the_child(engine, host):
+    async def main():
+        stream = engine.stream(8, TEXT, GenSettings(max_new_tokens=100_000))
+        async for _ in stream:
+            break
+        await stream.aclose()  # a closed tab: Gradio drops the generator
+        assert engine.active_sessions() == 0
+        await until(lambda: host.call("active", "text") == 0)
+
+    asyncio.run(main())
+
+
+def test_count_tokens_is_answered_by_the_childs_engine(engine):
+    assert engine.count_tokens(TEXT) > 2
+
+
+def test_a_failed_build_says_why_and_is_named_like_an_in_process_one(host):
+    from model_loader.startup import engine_error
+
+    with pytest.raises(EngineFailed) as e:
+        host.build("vision", FAKE, {"fail": "cuMulticastCreate not found"})
+    assert str(e.value) == "RuntimeError: cuMulticastCreate not found"
+    assert isinstance(engine_error("vision", e.value), DriverTooOld)
+
+
+def test_a_child_that_dies_ends_replies_with_the_reason_and_says_so():
+    host = EngineProcess(log_level="WARNING")
+    told = []
+    host.on_exit.append(told.append)
+    host.start()
+    engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
+
+    async def main():
+        task = asyncio.create_task(collect(engine, 1, GenSettings(max_new_tokens=100_000)))
+        await until(lambda: host.call("active", "text") == 1)
+        host.proc.kill()
+        first = await asyncio.wait_for(task, 10)
+        later = await asyncio.wait_for(collect(engine, 2, GenSettings()), 5)
+        await engine.stop(2)  # nothing runs: not an error
+        return first, later
+
+    first, later = asyncio.run(main())
+    for items in (first, later):
+        assert items[-1].finish_reason == "error" and "engine process exited" in items[-1].error
+    assert told and "restart the app" in told[0]
+    with pytest.raises(EngineProcessGone):
+        engine.count_tokens(TEXT)
+    host.close()
+
+
+def test_the_child_exits_when_the_pages_process_does(tmp_path):
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from model_loader.engines.process import EngineProcess
+        if __name__ == "__main__":
+            h = EngineProcess(log_level="WARNING")
+            h.start()
+            h.build("text", "tests.fakes:fake_lmdeploy_engine", {"kind": "text"})
+            print(h.proc.pid, flush=True)
+            os._exit(0)  # no clean-up: as a killed server
+        """
+    )
+    (tmp_path / "parent.py").write_text(script)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "parent.py")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    pid = int(out.stdout.split()[0])
+    end = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < end, "the engine process outlived the page's process"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_app_builds_its_engines_in_the_engine_process_and_fails_them_if_it_dies(tiny_models, monkeypatch):
+    from model_loader.config import AppConfig
+    from model_loader.engines.process import ProcessEngine
+    from model_loader.startup import Startup
+
+    monkeypatch.setattr("model_loader.startup.ENGINE_BUILDER", FAKE)
+    monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: None)
+    cfg = AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"]), engine_process=True)
+    st = Startup(cfg, {})
+    st.build_all()
+    try:
+        text, vision = st.slots["text"], st.slots["vision"]
+        assert text.ready and vision.ready, (text.message, vision.message)
+        assert isinstance(text.engine, ProcessEngine) and text.engine.host is vision.engine.host  # one CUDA context
+        items = asyncio.run(collect(text.engine, 1, GenSettings(max_new_tokens=5)))
+        assert "".join(d.text for d in items[:-1]) == "t0 t1 t2 t3 t4 "
+        text.engine.host.proc.kill()
+        end = time.monotonic() + 10
+        while text.state != "failed" and time.monotonic() < end:
+            time.sleep(0.02)
+        assert text.state == vision.state == "failed" and "engine process exited" in text.message
+    finally:
+        st._process.close()
+
+
+def test_the_page_chats_and_stops_over_the_engine_process(host, engine, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    from tests.conftest import fake_startup
+    from ui.page import build_demo, launch_kwargs
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    st = fake_startup(engine, None, host="127.0.0.1")
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+    _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), "server_port": None, "prevent_thread_lock": True})
+    try:
+        c = Client(url, verbose=False)
+        question = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+        hist, stats = c.predict(question, "", 0.7, 0.8, 40, 16, 1.0, 0, api_name="/chat")
+        assert hist[-1]["content"][0]["text"] == "".join(f"t{i} " for i in range(16)), stats
+        job = c.submit(question, "", 0.7, 0.8, 40, 2048, 1.0, 0, api_name="/chat")
+        end = time.monotonic() + 10
+        while host.call("active", "text") == 0:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        c.predict(hist, api_name="/stop")
+        end = time.monotonic() + 10
+        while host.call("active", "text") != 0:
+            assert time.monotonic() < end, "the stopped reply still runs in the engine process"
+            time.sleep(0.01)
+        job.result(timeout=10)
+    finally:
+        demo.close()
