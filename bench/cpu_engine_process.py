@@ -29,10 +29,12 @@ BUILDER = "tests.fakes:fake_lmdeploy_engine"
 
 def serve(mode: str, token_ms: float, burn_us: float) -> None:
     """--serve: the page over one text engine, in this process or in the engine process, until killed."""
+    import app  # noqa: PLC0415
     from tests.conftest import fake_startup  # noqa: PLC0415
     from tests.fakes import fake_lmdeploy_engine  # noqa: PLC0415
     from ui.page import build_demo, launch_kwargs  # noqa: PLC0415
 
+    sys.setswitchinterval(app.SWITCH_INTERVAL_S)  # as app.serve does (the engine process takes it too)
     pipe = {"kind": "text", "tokens": 100_000, "delay_s": token_ms / 1000, "burn_s": burn_us / 1e6, "max_batch_size": 64}
     if mode == "engine-process":
         from model_loader.engines.process import EngineProcess  # noqa: PLC0415
