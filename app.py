@@ -5,7 +5,6 @@ Nothing happens at import; everything is in main().
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -202,29 +201,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 SWITCH_INTERVAL_S = 0.0005
 
 
-# a full collection only after this many collections of the middle generation (Python's default: 10)
-FULL_COLLECTION_EVERY = 100
-
-
 def freeze_heap_after(startup: threading.Thread | None) -> None:
-    """Once the engines are built, leave what is alive then out of every later collection, and make full
-    collections rarer.
-
-    lmdeploy, torch and transformers leave ~740,000 long-lived objects, and a full collection walks every tracked
-    object while holding the interpreter, so every stream stands still meanwhile: 25 full collections of up to
-    508 ms in one bench run on the H200, with the heap already frozen (bench/results). `gc.freeze` is the standard
-    library's answer for a heap that lives as long as the process. Sessions opened later stay collectable; the few
-    opened while the engines load are frozen with them, so their cyclic garbage (not the rest) stays until exit.
-    """
+    """Once the engines are built, freeze the heap (model_loader.heap says why). Sessions opened later stay
+    collectable; the few opened while the engines load are frozen with them, so their cyclic garbage (not the rest)
+    stays until exit."""
+    from model_loader.heap import freeze_long_lived  # noqa: PLC0415
 
     def freeze() -> None:
         if startup is not None:
             startup.join()
-        gc.collect()
-        gc.freeze()
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
-        log.info("%d objects left out of garbage collection from now on", gc.get_freeze_count())
+        log.info("%d objects left out of garbage collection from now on", freeze_long_lived())
 
     threading.Thread(target=freeze, name="freeze-heap", daemon=True).start()
 

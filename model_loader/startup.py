@@ -18,12 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError, DoesNotFit, DriverTooOld
 from model_loader.memory import kv_cache, planner
 from model_loader.memory.gpu import gpu_memory
+
+if TYPE_CHECKING:
+    from model_loader.engines.process import EngineProcess
 
 log = logging.getLogger(__name__)
 # A conversation as the capacity estimate counts it (history and reply): TurboMind admits requests while their
@@ -79,7 +83,7 @@ class Startup:
     started_at: float = field(default_factory=time.time)
     ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
     _early: list[str] = field(default_factory=list)  # engines built before the plan's turn for them
-    _process: object = None  # the engine process, with --engine-process
+    _process: EngineProcess | None = None  # the engine process, with --engine-process
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -199,14 +203,15 @@ class Startup:
                     self._build(kind, resolved[kind])
                     finished.add(kind)
 
-    def _engine_process(self):
+    def _engine_process(self) -> EngineProcess:
         """The child process that builds and runs the engines (--engine-process), started at the first build."""
-        if self._process is None:
+        if self._process is None or self._process.gone:
             from model_loader.engines.process import EngineProcess  # noqa: PLC0415
 
-            self._process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
-            self._process.on_exit.append(self._engines_lost)
-            self._process.start()
+            process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
+            process.on_exit.append(self._engines_lost)
+            process.start()
+            self._process = process
         return self._process
 
     def _engines_lost(self, why: str) -> None:
@@ -298,3 +303,5 @@ class Startup:
             eng.info.capacity = kv_cache.concurrency_for(planned, TYPICAL_CONVERSATION_TOKENS, eng.info.batch_size)
         slot.engine, slot.state = eng, "ready"
         slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")
+        if self.cfg.engine_process and self._process.gone:  # lost while this slot was not yet ready to be failed
+            slot.fail(self._process.gone)

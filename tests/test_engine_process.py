@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from PIL import Image
 
 from model_loader.engines.process import EngineProcess, EngineProcessGone
 from model_loader.engines.seam import Delta, GenSettings, Stats
@@ -46,17 +47,45 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_reply_streams_from_the_child_whole_and_in_coalesced_pieces(engine, host, monkeypatch):
-    messages = []
-    deliver = host._deliver
-    monkeypatch.setattr(host, "_deliver", lambda items: (messages.append(len(items)), deliver(items)))
-    items = asyncio.run(collect(engine, 1, GenSettings(max_new_tokens=300)))
+def test_a_reply_streams_from_the_child_whole_its_first_text_at_once_the_rest_coalesced(monkeypatch):
+    host = EngineProcess(log_level="WARNING", flush_s=1.0)  # text waits up to 1 s, except a reply's first and end
+    host.start()
+    try:
+        engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
+        messages = []
+        deliver = host._deliver
+        monkeypatch.setattr(host, "_deliver", lambda items: (messages.append(len(items)), deliver(items)))
+
+        async def main():
+            t0, first, items = time.perf_counter(), None, []
+            async for item in engine.stream(1, TEXT, GenSettings(max_new_tokens=300)):
+                first = first or time.perf_counter() - t0
+                items.append(item)
+            return first, items
+
+        first, items = asyncio.run(main())
+    finally:
+        host.close()
     *deltas, stats = items
     assert isinstance(stats, Stats) and stats.finish_reason == "length" and stats.output_tokens == 300
     assert all(isinstance(d, Delta) for d in deltas)
     assert "".join(d.text for d in deltas) == "".join(f"t{i} " for i in range(300))
-    assert len(messages) < 300 / 3, f"{len(messages)} messages for 300 tokens"
-    assert engine.info.name == "fake-text" and "<|im_end|>" in engine.info.reserved  # built and read in the child
+    assert first < 0.5, f"the first text waited {first:.2f} s"
+    assert len(messages) <= 3, f"{len(messages)} messages for 300 tokens in {300 * 0.002} s"
+
+
+def test_the_engine_is_built_and_read_in_the_child_as_in_process(engine):
+    from tests.fakes import fake_lmdeploy_engine
+
+    here = fake_lmdeploy_engine(kind="text")
+    image = [
+        {"role": "user", "content": [{"type": "text", "text": "what"}, {"type": "image", "image": Image.new("RGB", (8, 8))}]}
+    ]
+    assert engine.info.name == "fake-text" and engine.info.reserved == here.info.reserved
+    assert "<|im_start|>user" in engine.info.reserved  # the template's own, not the common default
+    assert engine.count_tokens(TEXT) == here.count_tokens(TEXT)
+    assert engine.count_tokens(image) == here.count_tokens(image) > 576
+    here.pipe.close()
 
 
 def test_many_replies_at_once_each_get_their_own_text(engine):
@@ -94,8 +123,48 @@ def test_a_reader_that_goes_away_cancels_its_reply_in_the_child(engine, host):
     asyncio.run(main())
 
 
-def test_count_tokens_is_answered_by_the_childs_engine(engine):
-    assert engine.count_tokens(TEXT) > 2
+def test_a_stop_while_the_prompt_is_templated_ends_the_reply(host):
+    engine = host.build("text-slow", FAKE, {"kind": "text", "tokens": 100_000, "template_s": 0.5})
+
+    async def main():
+        task = asyncio.create_task(collect(engine, 3, GenSettings(max_new_tokens=100_000)))
+        await until(lambda: host.call("active", "text-slow") == 1)  # registered, still templating
+        await engine.stop(3)
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(main())[-1].finish_reason == "abort"
+    assert host.call("active", "text-slow") == 0
+
+
+def test_a_stop_whose_caller_gives_up_breaks_nothing(engine, host):
+    async def main():
+        task = asyncio.create_task(collect(engine, 4, GenSettings(max_new_tokens=100_000)))
+        await until(lambda: host.call("active", "text") == 1)
+        stopping = asyncio.create_task(engine.stop(4))
+        await asyncio.sleep(0)
+        stopping.cancel()  # the page's Stop event cancelled, its answer still on its way
+        ended = await asyncio.wait_for(task, 5)
+        after = await asyncio.wait_for(collect(engine, 5, GenSettings(max_new_tokens=20)), 5)
+        return ended, after
+
+    ended, after = asyncio.run(main())
+    assert ended[-1].finish_reason == "abort" and after[-1].finish_reason == "length"
+
+
+def test_closing_ends_what_is_in_flight_and_any_log_level_is_read():
+    host = EngineProcess(log_level="info")  # as APP_LOG_LEVEL may be written
+    host.start()
+    engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000})
+
+    async def main():
+        task = asyncio.create_task(collect(engine, 1, GenSettings(max_new_tokens=100_000)))
+        await until(lambda: host.call("active", "text") == 1)
+        await asyncio.to_thread(host.close)
+        return await asyncio.wait_for(task, 10)
+
+    items = asyncio.run(main())
+    assert items[-1].finish_reason == "error" and "closed" in items[-1].error
+    assert not host.proc.is_alive()
 
 
 def test_a_failed_build_says_why_and_is_named_like_an_in_process_one(host):
@@ -112,24 +181,26 @@ def test_a_child_that_dies_ends_replies_with_the_reason_and_says_so():
     told = []
     host.on_exit.append(told.append)
     host.start()
-    engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
+    try:
+        engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
+        first, later = asyncio.run(killed_mid_reply(host, engine))
+        for items in (first, later):
+            assert items[-1].finish_reason == "error" and "engine process stopped" in items[-1].error
+        assert told and "until the app is restarted" in told[0]
+        with pytest.raises(EngineProcessGone):
+            engine.count_tokens(TEXT)
+    finally:
+        host.close()
 
-    async def main():
-        task = asyncio.create_task(collect(engine, 1, GenSettings(max_new_tokens=100_000)))
-        await until(lambda: host.call("active", "text") == 1)
-        host.proc.kill()
-        first = await asyncio.wait_for(task, 10)
-        later = await asyncio.wait_for(collect(engine, 2, GenSettings()), 5)
-        await engine.stop(2)  # nothing runs: not an error
-        return first, later
 
-    first, later = asyncio.run(main())
-    for items in (first, later):
-        assert items[-1].finish_reason == "error" and "engine process exited" in items[-1].error
-    assert told and "restart the app" in told[0]
-    with pytest.raises(EngineProcessGone):
-        engine.count_tokens(TEXT)
-    host.close()
+async def killed_mid_reply(host, engine):
+    task = asyncio.create_task(collect(engine, 1, GenSettings(max_new_tokens=100_000)))
+    await until(lambda: host.call("active", "text") == 1)
+    host.proc.kill()
+    first = await asyncio.wait_for(task, 10)
+    later = await asyncio.wait_for(collect(engine, 2, GenSettings()), 5)
+    await engine.stop(2)  # nothing runs: not an error
+    return first, later
 
 
 def test_the_child_exits_when_the_pages_process_does(tmp_path):
@@ -155,7 +226,8 @@ def test_the_child_exits_when_the_pages_process_does(tmp_path):
         text=True,
         timeout=90,
     )
-    pid = int(out.stdout.split()[0])
+    assert out.stdout.strip().isdigit(), out.stderr[-2000:]
+    pid = int(out.stdout)
     end = time.monotonic() + 10
     while _alive(pid):
         assert time.monotonic() < end, "the engine process outlived the page's process"
@@ -190,7 +262,7 @@ def test_the_app_builds_its_engines_in_the_engine_process_and_fails_them_if_it_d
         end = time.monotonic() + 10
         while text.state != "failed" and time.monotonic() < end:
             time.sleep(0.02)
-        assert text.state == vision.state == "failed" and "engine process exited" in text.message
+        assert text.state == vision.state == "failed" and "engine process stopped" in text.message
     finally:
         st._process.close()
 

@@ -1,39 +1,44 @@
 """The engine process's side: build engines on request and run their replies, sending text in coalesced pieces.
 
 `serve` is the child's whole life. It reads requests from its end of a `multiprocessing` pipe on a thread and runs
-them on its own event loop; every piece of reply text produced in one pass of that loop goes back in one message,
-so the page's process handles a message per few milliseconds, not one per token (lmdeploy's api_server sends an
-OpenAI chunk per token, which cost the page's process about what the detokenizer did: docs/throughput.md). When the
-page's process goes away the pipe closes, and the child exits with it, freeing the GPU.
+them on its own event loop; the text produced meanwhile goes back in one message for every reply, so the page's
+process handles a message per few milliseconds, not one per token (lmdeploy's api_server sends an OpenAI chunk per
+token, which cost the page's process about what the detokenizer did: docs/throughput.md). When the page's process
+goes away the pipe closes, and the child exits with it, freeing the GPU; anything else going wrong with the pipe
+ends the child too, so the page's process is never left waiting on a child that no longer listens.
 
-Messages, as tuples (the first item names them):
-- to the child: ("call", call_id, method, args), ("stream", rid, kind, session_id, messages, settings),
-  ("cancel", rid), ("close",);
-- from it: ("result", call_id, value), ("raise", call_id, type_name, text), ("out", [(rid, text | Stats), ...]).
+Messages are tuples whose first item is one of the tags below.
+- to the child: (CALL, call_id, method, args), (STREAM, rid, kind, session_id, messages, settings), (CANCEL, rid),
+  (CLOSE,);
+- from it: (RESULT, call_id, value), (RAISE, call_id, "TypeName: text"), (OUT, [(rid, text | Stats), ...]).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from model_loader.engines.seam import Delta, Stats
+from model_loader.heap import freeze_long_lived
 
 log = logging.getLogger(__name__)
 
+CALL, STREAM, CANCEL, CLOSE = "call", "stream", "cancel", "close"
+RESULT, RAISE, OUT = "result", "raise", "out"
+
 # how long the child gathers reply text before sending it, in one message for every reply (the page shows text
-# at most every 0.25 s: ui/streaming.UI_INTERVAL_S)
+# at most every 0.25 s: ui/streaming.UI_INTERVAL_S); a reply's first text and its end do not wait
 FLUSH_S = 0.02
 
 
-def resolve(target: str):
-    """'package.module:Name.attr' -> the object (the engine builder the page's process names)."""
+def load_builder(target: str) -> Callable:
+    """'package.module:Name.attr' -> the engine builder the page's process names."""
     module, _, attr = target.partition(":")
     obj = importlib.import_module(module)
     for part in attr.split("."):
@@ -44,9 +49,10 @@ def resolve(target: str):
 class Host:
     """The child's engines and the replies running on them, driven by messages from the pipe."""
 
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop, flush_s: float = FLUSH_S) -> None:
         self.conn = conn
         self.loop = loop
+        self.flush_s = flush_s
         self.engines: dict = {}
         self.streams: dict[int, asyncio.Task] = {}
         self._text: dict[int, list[str]] = {}
@@ -66,39 +72,40 @@ class Host:
     def handle(self, message) -> None:
         """On the child's loop: one request from the page's process."""
         tag = message[0]
-        if tag == "call":
+        if tag == CALL:
             _, call_id, method, args = message
             self.loop.create_task(self._call(call_id, method, args))
-        elif tag == "stream":
+        elif tag == STREAM:
             _, rid, kind, session_id, messages, settings = message
             self.streams[rid] = self.loop.create_task(self._stream(rid, kind, session_id, messages, settings))
-        elif tag == "cancel":
+        elif tag == CANCEL:
             task = self.streams.pop(message[1], None)
             if task is not None:
                 task.cancel()  # the reader went away: the engine's stream frees its slot as it unwinds
-        elif tag == "close":
+        elif tag == CLOSE:
             self.closed.set()
 
     async def _call(self, call_id: int, method: str, args: tuple) -> None:
         try:
             value = await getattr(self, "do_" + method)(*args)
-        except Exception as e:  # noqa: BLE001 - raised again in the page's process, by name
+            answer = (RESULT, call_id, value)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - raised again in the page's process (lmdeploy's checks exit)
             log.debug("%s failed", method, exc_info=True)
-            self.send(("raise", call_id, type(e).__name__, str(e)))
-        else:
-            self.send(("result", call_id, value))
+            answer = (RAISE, call_id, f"{type(e).__name__}: {e}")
+        try:
+            self.send(answer)
+        except Exception as e:  # noqa: BLE001 - an answer that does not pickle still answers
+            self.send((RAISE, call_id, f"{type(e).__name__}: {e}"))
 
     async def do_build(self, kind: str, builder: str, kwargs: dict):
         """Build an engine (off the loop: it takes minutes) and return what the System tab shows about it."""
-        build = resolve(builder)
-        engine = await asyncio.to_thread(build, **kwargs)
+        engine = await asyncio.to_thread(load_builder(builder), **kwargs)
         self.engines[kind] = engine
-        gc.collect()
-        gc.freeze()  # the engine's long-lived objects stay out of later collections, as app.freeze_heap_after does
+        log.info("%d objects left out of garbage collection from now on", freeze_long_lived())
         return engine.info
 
     async def do_count_tokens(self, kind: str, messages: list[dict]) -> int:
-        return self.engines[kind].count_tokens(messages)
+        return await asyncio.to_thread(self.engines[kind].count_tokens, messages)  # the loop keeps streaming
 
     async def do_stop(self, kind: str, session_id: int) -> None:
         await self.engines[kind].stop(session_id)
@@ -120,6 +127,7 @@ class Host:
             ended = True
         finally:
             self.streams.pop(rid, None)
+            self._started.discard(rid)
         if not ended:
             self.emit(rid, Stats(0, 0, 0.0, 0.0, "error", "the engine returned nothing"))
 
@@ -127,18 +135,17 @@ class Host:
 
     def emit(self, rid: int, item) -> None:
         """Queue a reply's new text or its end. A reply's first text and its end are sent at the loop's next pass
-        (the first text is what a user waits for); the rest is gathered for up to FLUSH_S, every reply's together."""
+        (the first text is what a user waits for); the rest is gathered for up to flush_s, every reply's together."""
         urgent = not isinstance(item, str) or rid not in self._started
         if isinstance(item, str):
             self._started.add(rid)
             self._text.setdefault(rid, []).append(item)
         else:
-            self._started.discard(rid)
             self._ends.append((rid, item))
-        if self._flush is None or (urgent and self._flush_soon is False):
+        if self._flush is None or (urgent and not self._flush_soon):
             if self._flush is not None:
                 self._flush.cancel()
-            self._flush = self.loop.call_later(0 if urgent else FLUSH_S, self.flush)
+            self._flush = self.loop.call_later(0 if urgent else self.flush_s, self.flush)
             self._flush_soon = urgent
 
     def flush(self) -> None:
@@ -147,34 +154,39 @@ class Host:
         out = [(rid, "".join(parts)) for rid, parts in self._text.items()] + self._ends
         self._text, self._ends, self._flush = {}, [], None
         if out:
-            self.send(("out", out))
+            self.send((OUT, out))
 
 
 def _read(conn: Connection, host: Host) -> None:
-    """On a thread: hand each request to the loop; the pipe closing (the page's process gone) ends the child."""
+    """On a thread: hand each request to the loop. The pipe closing (the page's process gone) or failing ends the
+    child: the page's process then sees it gone instead of waiting for answers."""
     try:
         while True:
             host.loop.call_soon_threadsafe(host.handle, conn.recv())
     except (EOFError, OSError):
         log.info("the page's process went away: the engine process exits")
         os._exit(0)
+    except BaseException:  # noqa: BLE001 - a request that does not unpickle, a closed loop
+        log.exception("the engine process cannot read requests any more")
+        os._exit(1)
 
 
-def serve(conn: Connection, log_level: str = "INFO", switch_interval_s: float | None = None) -> None:
+def serve(conn: Connection, log_level: str = "INFO", switch_interval_s: float | None = None, flush_s: float = FLUSH_S) -> None:
     """The engine process's entry point (multiprocessing's target)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engines] %(name)s: %(message)s")
+    level = getattr(logging, str(log_level).upper(), logging.INFO)  # as app.configure_logging reads it
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [engines] %(name)s: %(message)s")
     if switch_interval_s:
         sys.setswitchinterval(switch_interval_s)
 
     async def main() -> None:
-        host = Host(conn, asyncio.get_running_loop())
+        host = Host(conn, asyncio.get_running_loop(), flush_s)
         threading.Thread(target=_read, args=(conn, host), name="engine-requests", daemon=True).start()
-        host.send(("result", 0, os.getpid()))  # ready
+        host.send((RESULT, 0, os.getpid()))  # ready
         await host.closed.wait()
         for engine in host.engines.values():
             close = getattr(engine, "close", None)
             if close is not None:
                 close()
+        os._exit(0)  # now: a build still running, or lmdeploy's threads, would otherwise hold the exit
 
     asyncio.run(main())
-    os._exit(0)  # lmdeploy's threads do not end by themselves

@@ -5,6 +5,9 @@ loop and detokenizer hold the GIL for about half of its busy time: docs/throughp
 in a child (model_loader/engines/child.py) that holds the only CUDA context, as the page's process holds none, so the
 A10 memory plan is unchanged. The page's process sends each request and reads each reply's text in coalesced pieces
 on one reader thread, which wakes the event loop once per message.
+
+If the child dies, every call and reply in flight ends with the reason and the owner is told (the slots fail, so
+the tabs say so); the engines do not come back until the app is restarted.
 """
 
 from __future__ import annotations
@@ -17,17 +20,31 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
+from model_loader.engines.child import CALL, CANCEL, CLOSE, FLUSH_S, OUT, RAISE, RESULT, STREAM, serve
 from model_loader.engines.seam import Delta, EngineInfo, GenSettings, Stats
 from model_loader.errors import EngineFailed
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # the child imports nothing heavy before saying it is ready
-CALL_TIMEOUT_S = 60.0  # count_tokens and friends; a build has no limit (downloads are done, loading takes minutes)
+CALL_TIMEOUT_S = 60.0  # count_tokens and friends; a build has no limit (loading takes minutes)
 
 
 class EngineProcessGone(EngineFailed):
     """The engine process exited: every reply in flight ends with this, and the engines are gone until a restart."""
+
+
+def _settle(fut: Future, value=None, error: BaseException | None = None) -> None:
+    """Resolve a call's future unless its caller gave up on it (a cancelled Stop)."""
+    if fut.done():
+        return
+    try:
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+    except Exception:  # noqa: BLE001 - cancelled between the check and the set
+        log.debug("a call's answer came after its caller left", exc_info=True)
 
 
 class _Sink:
@@ -52,14 +69,14 @@ class _Sink:
 class EngineProcess:
     """The child process, its pipe, and the replies and calls in flight over it."""
 
-    def __init__(self, log_level: str = "INFO", switch_interval_s: float | None = None) -> None:
+    def __init__(self, log_level: str = "INFO", switch_interval_s: float | None = None, flush_s: float = FLUSH_S) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads (the web server's)
-        self.conn, child_end = ctx.Pipe()
-        from model_loader.engines import child  # noqa: PLC0415
-
-        self.proc = ctx.Process(target=child.serve, args=(child_end, log_level, switch_interval_s), name="engines", daemon=True)
-        self._child_end = child_end
+        self.conn, self._child_end = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=serve, args=(self._child_end, log_level, switch_interval_s, flush_s), name="engines", daemon=True
+        )
         self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # calls and sinks: registered on the loop, settled on the reader thread
         self._calls: dict[int, Future] = {0: Future()}  # 0: the child's "ready"
         self._ids = itertools.count(1)
         self._sinks: dict[int, _Sink] = {}
@@ -72,15 +89,17 @@ class EngineProcess:
         self.proc.start()
         self._child_end.close()  # the child holds it now: its exit closes the pipe
         threading.Thread(target=self._read, name="engine-replies", daemon=True).start()
-        pid = self._calls[0].result(timeout=START_TIMEOUT_S)
+        try:
+            pid = self._calls[0].result(timeout=START_TIMEOUT_S)
+        except Exception as e:
+            self.close(timeout_s=1)
+            raise EngineProcessGone(f"The engine process did not start: {type(e).__name__}: {e}") from e
         log.info("engine process %d started", pid)
 
     def build(self, kind: str, builder: str, kwargs: dict) -> ProcessEngine:
         """Build the `kind` engine in the child with `builder` ('module:callable', called with `kwargs`); blocks
-        until built.
-
-        A failure raises EngineFailed whose text starts with the child's exception type, as `str` of the original
-        would read after its name (startup.engine_error looks for the driver's signs there)."""
+        until built. A failure raises EngineFailed("TypeName: text"), as the original would read after its name
+        (startup.engine_error looks for the driver's signs there)."""
         info = self.call("build", kind, builder, kwargs, timeout=None)
         return ProcessEngine(self, kind, info)
 
@@ -89,70 +108,79 @@ class EngineProcess:
     def send(self, message) -> None:
         if self.gone:
             raise EngineProcessGone(self.gone)
-        with self._send_lock:
-            self.conn.send(message)
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+        except OSError as e:  # the child is going: the reader thread will say why
+            raise EngineProcessGone(f"The engine process is gone ({e}).") from e
 
     def call_async(self, method: str, *args) -> Future:
         """Ask the child; the future holds its answer or the error it raised."""
         fut: Future = Future()
         call_id = next(self._ids)
-        self._calls[call_id] = fut
+        with self._lock:
+            self._calls[call_id] = fut
         try:
-            self.send(("call", call_id, method, args))
+            self.send((CALL, call_id, method, args))
         except Exception as e:  # noqa: BLE001 - the caller sees it through the future
-            self._calls.pop(call_id, None)
-            fut.set_exception(e)
+            with self._lock:
+                self._calls.pop(call_id, None)
+            _settle(fut, error=e)
         return fut
 
     def call(self, method: str, *args, timeout: float | None = CALL_TIMEOUT_S):
         return self.call_async(method, *args).result(timeout=timeout)
 
-    def open_stream(self, kind: str, session_id: int, messages: list[dict], settings: GenSettings) -> tuple[int, _Sink]:
+    def open_stream(self, loop: asyncio.AbstractEventLoop) -> tuple[int, _Sink]:
         rid = next(self._ids)
-        sink = _Sink(asyncio.get_running_loop())
-        self._sinks[rid] = sink
-        try:
-            self.send(("stream", rid, kind, session_id, messages, settings))
-        except Exception as e:  # noqa: BLE001 - the reply ends with it, as any engine error does
-            sink.put(Stats(0, 0, 0.0, 0.0, "error", str(e)))
+        sink = _Sink(loop)
+        with self._lock:
+            self._sinks[rid] = sink
+            gone = self.gone
+        if gone:  # lost before the sink was registered: it would never hear
+            sink.put(Stats(0, 0, 0.0, 0.0, "error", gone))
         return rid, sink
 
     def close_stream(self, rid: int, ended: bool) -> None:
         """The reader is done with the reply; one that had not ended is cancelled in the child, freeing its slot."""
-        self._sinks.pop(rid, None)
+        with self._lock:
+            self._sinks.pop(rid, None)
         if not ended and not self.gone:
             try:
-                self.send(("cancel", rid))
-            except (OSError, EngineFailed):
-                pass
+                self.send((CANCEL, rid))
+            except EngineFailed:
+                log.debug("reply %d not cancelled: the engine process is gone", rid)
 
     def _read(self) -> None:
-        """On a thread: answers resolve their calls; reply pieces go to their loops, one wake-up per message."""
+        """On a thread: answers settle their calls; reply pieces go to their loops, one wake-up per message."""
         try:
             while True:
                 message = self.conn.recv()
                 tag = message[0]
-                if tag == "out":
+                if tag == OUT:
                     self._deliver(message[1])
-                elif tag == "result":
-                    fut = self._calls.pop(message[1], None)
+                elif tag in (RESULT, RAISE):
+                    with self._lock:
+                        fut = self._calls.pop(message[1], None)
                     if fut is not None:
-                        fut.set_result(message[2])
-                elif tag == "raise":
-                    fut = self._calls.pop(message[1], None)
-                    if fut is not None:
-                        fut.set_exception(EngineFailed(f"{message[2]}: {message[3]}"))
+                        _settle(fut, *((message[2], None) if tag == RESULT else (None, EngineFailed(message[2]))))
         except (EOFError, OSError):
             pass
+        except BaseException:  # noqa: BLE001 - never leave callers waiting on a reader that died
+            log.exception("reading the engine process's answers failed")
+            self.proc.terminate()
         self.proc.join(timeout=5)
-        self._lost(f"The engine process exited (exit code {self.proc.exitcode}); restart the app to serve again.")
+        self._lost(
+            f"The engine process stopped (exit code {self.proc.exitcode}): replies cannot be served until the app is restarted."
+        )
 
     def _deliver(self, items: list) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, item in items:
-            sink = self._sinks.get(rid)
-            if sink is not None:
-                by_loop.setdefault(sink.loop, []).append((sink, item))
+        with self._lock:
+            for rid, item in items:
+                sink = self._sinks.get(rid)
+                if sink is not None:
+                    by_loop.setdefault(sink.loop, []).append((sink, item))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
@@ -161,30 +189,34 @@ class EngineProcess:
 
     def _lost(self, why: str) -> None:
         """The child is gone: every call fails, every reply in flight ends with the reason, and owners are told."""
-        self.gone = why
         if self._closing:
-            return
-        log.error(why)
-        for fut in list(self._calls.values()):
-            if not fut.done():
-                fut.set_exception(EngineProcessGone(why))
-        self._calls.clear()
-        for callback in self.on_exit:  # first: the page says the engines are gone before the replies end
-            callback(why)
-        self._deliver([(rid, Stats(0, 0, 0.0, 0.0, "error", why)) for rid in list(self._sinks)])
+            why = "The engine process was closed."
+        with self._lock:
+            self.gone = why
+            calls, self._calls = list(self._calls.values()), {}
+            rids = list(self._sinks)
+        if not self._closing:
+            log.error(why)
+            for callback in self.on_exit:  # first: the page says the engines are gone before the replies end
+                callback(why)
+        for fut in calls:
+            _settle(fut, error=EngineProcessGone(why))
+        self._deliver([(rid, Stats(0, 0, 0.0, 0.0, "error", why)) for rid in rids])
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to close its engines and exit; end it if it does not."""
+        """Ask the child to close its engines and exit; end it if it does not. Calls and replies in flight end."""
         self._closing = True
         if self.proc.is_alive():
             try:
-                self.send(("close",))
-            except (OSError, EngineFailed):
+                self.send((CLOSE,))
+            except EngineFailed:
                 pass
             self.proc.join(timeout_s)
+        for end in (self.proc.terminate, self.proc.kill):
             if self.proc.is_alive():
-                self.proc.terminate()
+                end()
                 self.proc.join(timeout_s)
+        self.conn.close()  # the reader thread ends, and with it every call and reply in flight
 
 
 def _put_all(batch: list) -> None:
@@ -192,8 +224,22 @@ def _put_all(batch: list) -> None:
         sink.put(item)
 
 
+def _has_images(messages: list[dict]) -> bool:
+    return any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]) for m in messages)
+
+
+def _without_images(messages: list[dict]) -> list[dict]:
+    """The messages with each image as a bare part: counting tokens needs only how many there are."""
+    return [
+        {**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+
+
 class ProcessEngine:
-    """A ChatEngine whose engine lives in the engine process."""
+    """A ChatEngine whose engine lives in the engine process (closing one closes the process, both engines)."""
 
     def __init__(self, host: EngineProcess, kind: str, info: EngineInfo) -> None:
         self.host = host
@@ -202,10 +248,18 @@ class ProcessEngine:
         self._active = 0
 
     async def stream(self, session_id: int, messages: list[dict], settings: GenSettings) -> AsyncIterator[Delta | Stats]:
-        rid, sink = self.host.open_stream(self.kind, session_id, messages, settings)
+        rid, sink = self.host.open_stream(asyncio.get_running_loop())
         self._active += 1
         ended = False
         try:
+            request = (STREAM, rid, self.kind, session_id, messages, settings)
+            try:
+                if _has_images(messages):  # megabytes to pickle and write: off the web server's loop
+                    await asyncio.to_thread(self.host.send, request)
+                else:
+                    self.host.send(request)
+            except EngineFailed as e:
+                sink.put(Stats(0, 0, 0.0, 0.0, "error", str(e)))
             while not ended:
                 for item in await sink.take():
                     if isinstance(item, Stats):
@@ -218,12 +272,13 @@ class ProcessEngine:
             self.host.close_stream(rid, ended)
 
     async def stop(self, session_id: int) -> None:
-        if self.host.gone:
-            return  # nothing runs any more
-        await asyncio.wrap_future(self.host.call_async("stop", self.kind, session_id))
+        try:
+            await asyncio.wrap_future(self.host.call_async("stop", self.kind, session_id))
+        except EngineProcessGone:
+            pass  # nothing runs any more
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return self.host.call("count_tokens", self.kind, messages)
+        return self.host.call("count_tokens", self.kind, _without_images(messages))
 
     def active_sessions(self) -> int:
         """Replies in flight (counted here: the page asks every second)."""

@@ -1,7 +1,8 @@
 """The seam between the UI and whatever runs the model: stream a reply, stop it, describe yourself.
 
-`ui/` depends only on this module. lmdeploy is imported only by the implementations
-(`turbomind.py`, `api_server.py`); the test doubles live in tests/fakes.py.
+`ui/` depends only on this module. lmdeploy is imported only by the implementations (`turbomind.py`,
+`api_server.py`; `process.py` runs `turbomind.py`'s engines in a child process); the test doubles live in
+tests/fakes.py.
 """
 
 from __future__ import annotations
