@@ -303,5 +303,5 @@ class Startup:
             eng.info.capacity = kv_cache.concurrency_for(planned, TYPICAL_CONVERSATION_TOKENS, eng.info.batch_size)
         slot.engine, slot.state = eng, "ready"
         slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")
-        if self.cfg.engine_process and self._process.gone:  # lost while this slot was not yet ready to be failed
-            slot.fail(self._process.gone)
+        if self.cfg.engine_process and eng.host.gone:  # the engine process died before this slot could be failed
+            slot.fail(eng.host.gone)
