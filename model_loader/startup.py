@@ -38,6 +38,7 @@ TYPICAL_CONVERSATION_TOKENS = 2048
 OLD_DRIVER_SIGNS = ("cuMulticast", "CUDA driver version is insufficient", "cudaErrorInsufficientDriver")
 MIN_DRIVER = "535"
 ENGINE_BUILDER = "model_loader.engines.turbomind:LmdeployEngine.build"  # what the engine process calls, by name
+ENGINE_RESTARTS = 3  # an engine process that dies is started again this many times, then the engines stay down
 
 Resolver = Callable[[AppConfig, Mapping[str, str], Callable[[str], None]], object]
 
@@ -84,6 +85,10 @@ class Startup:
     ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
     _early: list[str] = field(default_factory=list)  # engines built before the plan's turn for them
     _process: EngineProcess | None = None  # the engine process, with --engine-process
+    _built: dict[str, tuple[dict, str]] = field(default_factory=dict)  # what the engine process holds: build args
+    _started_up: threading.Event = field(default_factory=threading.Event)
+    _restart_lock: threading.Lock = field(default_factory=threading.Lock)
+    restarts: int = 0  # times the engine process was started again after it died
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -107,6 +112,8 @@ class Startup:
             for s in self.slots.values():
                 if s.state not in ("ready", "disabled", "failed"):
                     s.fail(f"Start-up failed: {e}")
+        finally:
+            self._started_up.set()
 
     def _connect_api_servers(self) -> None:
         from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
@@ -215,9 +222,34 @@ class Startup:
         return self._process
 
     def _engines_lost(self, why: str) -> None:
-        for slot in self.slots.values():
-            if slot.state in ("loading", "ready"):
-                slot.fail(why)
+        """The engine process died (on its reader thread): once start-up is over, start it again and rebuild what it
+        held, up to ENGINE_RESTARTS times; otherwise the engines stay down and the tabs say so."""
+        lost = [kind for kind, slot in self.slots.items() if slot.state in ("loading", "ready")]
+        with self._restart_lock:
+            restart = self._started_up.is_set() and self.restarts < ENGINE_RESTARTS and set(lost) <= set(self._built)
+            if restart:
+                self.restarts += 1
+        for kind in lost:
+            if restart:
+                self.slots[kind].state = "loading"
+                self.slots[kind].say(f"{why} Starting the engines again ({self.restarts} of {ENGINE_RESTARTS}) ...")
+            else:
+                self.slots[kind].fail(f"{why} Replies cannot be served until the app is restarted.")
+        if restart and lost:
+            threading.Thread(target=self._rebuild, args=(lost,), name="engine-restart", daemon=True).start()
+
+    def _rebuild(self, kinds: list[str]) -> None:
+        """Build the lost engines again, in the order they were first built, with the same settings."""
+        try:
+            process = self._engine_process()
+        except Exception as e:  # noqa: BLE001 - shown in the tabs
+            for kind in kinds:
+                self.slots[kind].fail(f"The engine process did not start again: {e}")
+            return
+        for kind in [k for k in self._built if k in kinds]:
+            if process.gone:  # died again: its own loss decides what comes next
+                return
+            self._load(kind, *self._built[kind])
 
     def _fail_fetch(self, kind: str, e: BaseException) -> None:
         slot = self.slots[kind]
@@ -284,9 +316,15 @@ class Startup:
         cfg = planner.engine_config(self.cfg, self.plan, {kind: ratio})  # "auto" KV precision as the plan resolved it
         slot.say(f"Loading {r.path.name} on {backend} (KV ratio {ratio:.3f}) ...")
         args = {"kind": kind, "path": r.path, "cfg": cfg, "backend": backend, "awq": kind == "text", "source": r.source}
+        self._load(kind, args, backend)
+
+    def _load(self, kind: str, args: dict, backend: str) -> None:
+        """Build one engine (here, or in the engine process) and put it in its slot, or say why it failed."""
+        slot = self.slots[kind]
         try:
             if self.cfg.engine_process:  # built and run in the child; this process never imports lmdeploy
                 eng = self._engine_process().build(kind, ENGINE_BUILDER, args)
+                self._built[kind] = (args, backend)
             else:
                 from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
 

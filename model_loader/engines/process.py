@@ -6,8 +6,8 @@ in a child (model_loader/engines/child.py) that holds the only CUDA context, as 
 A10 memory plan is unchanged. The page's process sends each request and reads each reply's text in coalesced pieces
 on one reader thread, which wakes the event loop once per message.
 
-If the child dies, every call and reply in flight ends with the reason and the owner is told (the slots fail, so
-the tabs say so); the engines do not come back until the app is restarted.
+If the child dies, every call and reply in flight ends with the reason and the owner is told (model_loader.startup
+starts it again and rebuilds the engines, a few times).
 """
 
 from __future__ import annotations
@@ -170,9 +170,7 @@ class EngineProcess:
             log.exception("reading the engine process's answers failed")
             self.proc.terminate()
         self.proc.join(timeout=5)
-        self._lost(
-            f"The engine process stopped (exit code {self.proc.exitcode}): replies cannot be served until the app is restarted."
-        )
+        self._lost(f"The engine process stopped (exit code {self.proc.exitcode}).")
 
     def _deliver(self, items: list) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
