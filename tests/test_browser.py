@@ -53,6 +53,7 @@ def engines(app):
         e.queue.clear()
         e.delay_s = 0.01
         e.stopped.clear()
+        e.__dict__.pop("reply_for", None)  # a test's own replies end with it
     return text, vision
 
 
@@ -601,3 +602,28 @@ def test_screenshots(app, browser, engines, tmp_path):
         pg.mouse.click(5, 5)
         pg.wait_for_timeout(600)
         pg.screenshot(path=f"{out}/image.png")
+
+
+def test_two_tabs_keep_their_own_chats_across_reloads(page, engines):
+    """Two tabs of one browser saved their chats under one key: reloading one showed the other's chat, and its own
+    was gone (new-user trial). Each tab now comes back to its own chat; a new tab opens the latest one."""
+    first = page
+    type_and_enter(first, "question from tab A")
+    page_has(first, "You said: question from tab A", "#chatbot")
+    wait_enabled(first, "#chat-send")
+    second = first.context.new_page()
+    second.goto(first.url)
+    ready(second)
+    page_has(second, "question from tab A", "#chatbot")  # a new tab opens the latest chat
+    second.locator("#chat-clear").click()
+    type_and_enter(second, "question from tab B")
+    page_has(second, "You said: question from tab B", "#chatbot")
+    wait_enabled(second, "#chat-send")
+    first.reload()
+    ready(first)
+    page_has(first, "question from tab A", "#chatbot")
+    assert "tab B" not in first.inner_text("#chatbot")
+    second.reload()
+    ready(second)
+    page_has(second, "question from tab B", "#chatbot")
+    assert "tab A" not in second.inner_text("#chatbot")

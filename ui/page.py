@@ -160,6 +160,28 @@ LITERAL_TEXT = r"""<script>
 </script>"""
 
 
+CHAT_KEY = "internlm2-chat-history"  # where the browser keeps the chat (gr.BrowserState)
+
+# gr.BrowserState keeps the chat in localStorage, which every tab of the browser shares: reloading one tab brought
+# back whichever tab wrote last, and its own chat was gone (new-user trial). Each tab also keeps its chat in its own
+# sessionStorage (kept across reloads, not shared) and reads that first; a new tab has none and opens the latest chat.
+OWN_CHAT_PER_TAB = f"""<script>
+(() => {{
+  const KEY = "{CHAT_KEY}", get = Storage.prototype.getItem, set = Storage.prototype.setItem;
+  Storage.prototype.getItem = function (k) {{
+    const own = this === localStorage && k === KEY ? get.call(sessionStorage, k) : null;
+    return own !== null ? own : get.call(this, k);
+  }};
+  Storage.prototype.setItem = function (k, v) {{
+    if (this === localStorage && k === KEY) {{
+      try {{ set.call(sessionStorage, k, v); }} catch (e) {{}}  // full: the shared copy still comes back
+    }}
+    return set.call(this, k, v);
+  }};
+}})();
+</script>"""
+
+
 def build_theme() -> gr.themes.Base:
     """Indigo on slate, system fonts."""
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate", font=FONTS, font_mono=MONO).set(
@@ -244,7 +266,7 @@ def build_demo(
     # Gradio's own cache (uploads, files returned to the page): files older than a day go, checked hourly
     with gr.Blocks(title="InternLM2 & LLaVA Chat", delete_cache=(3600, 86400)) as demo:
         header = gr.HTML(header_html(slots, cfg), elem_id="header")
-        saved = gr.BrowserState([], storage_key="internlm2-chat-history")
+        saved = gr.BrowserState([], storage_key=CHAT_KEY)
         known = gr.State(None)  # the engine readiness this page last saw
         with gr.Tabs():
             with gr.Tab(i18n("chat"), id="chat") as chat_page:
@@ -325,7 +347,7 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         i18n=i18n,
         theme=build_theme(),
         css=CSS,
-        head=HEAD + ENTER_GUARD + LITERAL_TEXT,
+        head=HEAD + ENTER_GUARD + LITERAL_TEXT + OWN_CHAT_PER_TAB,
         show_error=True,
     )
     if cfg.auth:
