@@ -138,6 +138,7 @@ def test_type_enter_stream_and_controls(app, browser, engines, size, locale):
         if size == PHONE:
             box = pg.locator("#chat-input textarea").bounding_box()
             assert box["width"] > 0.9 * (size[0] - 16), "the message box does not take the phone's width"
+        in_view_as_it_opens(pg, size[1])
         assert not enabled(pg, "#chat-stop"), "Stop is live with nothing running"
 
         long_reply(text, words=80, delay_s=0.04)
@@ -167,6 +168,25 @@ def test_type_enter_stream_and_controls(app, browser, engines, size, locale):
         no_sideways_scroll(pg)
         no_object_object(pg)
         assert not pg.errors, pg.errors
+
+
+def in_view_as_it_opens(pg, height: int) -> None:
+    """The message box (with its hint whole) and Send are in view as the page opens, not below the fold."""
+    for where in ("#chat-input textarea", "#chat-send"):
+        box = pg.locator(where).bounding_box()
+        assert box["y"] + box["height"] <= height, f"{where} ends at {box['y'] + box['height']:.0f} px of {height}"
+    clipped = pg.evaluate(
+        "(() => { const t = document.querySelector('#chat-input textarea'); return t.scrollHeight > t.clientHeight + 1; })()"
+    )
+    assert not clipped, "the message box's hint is cut"
+
+
+def test_a_small_phone_opens_with_the_message_box_and_send_in_view(app, browser):
+    """New-user trial, 375 x 667: the empty chat took the screen and Send started at the bottom edge."""
+    with new_page(browser, app[0], 375, 667) as pg:
+        ready(pg)
+        in_view_as_it_opens(pg, 667)
+        no_sideways_scroll(pg)
 
 
 # ---- controls follow the reply (issues 12 item 2, 13) ----

@@ -103,6 +103,8 @@ footer {display: none !important}
   #image-layout > * {min-width: 0 !important; width: 100% !important}
   #image-input {height: 220px !important}
   #image-chatbot {height: 300px !important}
+  #chatbot {height: max(180px, calc(100dvh - 365px)) !important}  /* the box and Send in view as the page opens */
+  #chat-input textarea, #image-question textarea {min-height: 58px}  /* the two-line hint whole */
 }
 """
 
