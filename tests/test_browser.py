@@ -553,6 +553,7 @@ def test_a_turn_saves_the_chat_as_it_starts_and_ends_and_a_reload_mid_reply_keep
     ready(pg)
     page_has(pg, "third question", "#chatbot")
     assert "word99" in pg.inner_text("#chatbot") and "part5" not in pg.inner_text("#chatbot")
+    page_has(pg, "Regenerate", "#chat-stats")  # the unanswered question says why and what to do (new-user trial)
     text.reply_for = lambda messages: "answered again"
     pg.locator("#chat-regenerate").click()
     page_has(pg, "answered again", "#chatbot")

@@ -265,3 +265,11 @@ def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkey
     monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: calls.append(m) or real(self, m))
     assert render.chat(grown) == expected
     assert [m["content"] for m in calls] == ["the answer so far"]
+
+
+def test_the_server_written_lines_name_the_buttons_as_the_page_labels_them():
+    from ui.i18n import EN, ZH, server_text
+
+    assert EN["regenerate"] in server_text("en", "unanswered")
+    assert ZH["regenerate"] in server_text("zh", "unanswered")
+    assert server_text("fr", "unanswered") == server_text("en", "unanswered")

@@ -380,5 +380,5 @@ def build_chat_tab(
         export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
         export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
-    tab.regen, tab.settings, tab.kept_settings = regen, settings, kept_settings
+    tab.regen, tab.settings, tab.kept_settings, tab.stats = regen, settings, kept_settings, stats
     return tab

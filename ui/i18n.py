@@ -68,6 +68,21 @@ ZH = {
 }
 
 
+# What the server writes into the page itself (not through gr.I18n), in the language the browser asks for first
+SERVER_TEXT = {
+    "en": {
+        "unanswered": "Your last message has no reply: the page was reloaded while it was being written. Press "
+        "**Regenerate** to get one.",
+    },
+    "zh": {"unanswered": "最后一条消息还没有回复：页面在回答生成时被刷新了。点击 **重新生成** 即可重新回答。"},
+}
+
+
+def server_text(lang: str, key: str) -> str:
+    """One of SERVER_TEXT's lines in `lang` ('zh' or 'en')."""
+    return SERVER_TEXT.get(lang, SERVER_TEXT["en"])[key]
+
+
 def build_i18n():
     """A gr.I18n with both languages (imported lazily: this module stays gradio-free at import)."""
     import gradio as gr  # noqa: PLC0415

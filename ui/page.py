@@ -15,7 +15,7 @@ from model_loader.engines.slot import EngineSlot
 from ui import streaming
 from ui.chat_tab import build_chat_tab
 from ui.files import Scratch
-from ui.i18n import build_i18n
+from ui.i18n import build_i18n, server_text
 from ui.image_tab import build_image_tab
 from ui.queue_analytics import keep_queue_analytics_small
 from ui.system_tab import STATE_ICONS, build_system_tab
@@ -304,11 +304,15 @@ def build_demo(
 
         def on_load(seen, history, request: gr.Request):
             """Everything a page needs when it opens, in one request: banners, and the conversation kept in the
-            browser (the System tab fills itself when it is opened)."""
-            return (*refresh_status(seen, request, first=True), history or [])
+            browser (the System tab fills itself when it is opened), saying so if its last question has no answer
+            (a reload while it was being written)."""
+            history = history or []
+            unanswered = bool(history) and history[-1].get("role") == "user"
+            note = server_text(language(request), "unanswered") if unanswered else gr.skip()
+            return (*refresh_status(seen, request, first=True), history, note)
 
         outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
-        demo.load(on_load, [known, saved], [*outputs, chat.chatbot], api_visibility="private", queue=False)
+        demo.load(on_load, [known, saved], [*outputs, chat.chatbot, chat.stats], api_visibility="private", queue=False)
         # the chat's settings as this browser left them, put back in the page (a kept value of another shape is ignored)
         restore = "(kept, ...now) => (Array.isArray(kept) && kept.length === now.length ? kept : now)"
         demo.load(None, [chat.kept_settings, *chat.settings], chat.settings, js=restore, api_visibility="private")
