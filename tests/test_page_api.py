@@ -303,3 +303,17 @@ def test_the_api_lists_only_what_scripts_can_call(launched):
     named = set(Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"])
     assert {"/chat", "/add_message", "/regenerate", "/image_chat", "/set_image", "/stop", "/status"} <= named
     assert not {n for n in named if n in ("/False", "/send") or n.startswith("/unnamed")}, named
+
+
+def test_the_api_takes_messages_whose_content_is_plain_text(launched):
+    """`{"role": "user", "content": "Hi"}`, as most chat APIs write a message, was refused with pydantic's
+    "Input should be a valid list" (new-user trial); Gradio 6's Chatbot holds content as a list of parts."""
+    url, (text, _), _ = launched
+    c = Client(url, verbose=False)
+    hist, stats = c.predict([{"role": "user", "content": "Hi there"}], "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert reply_text(hist) == "You said: Hi there" and "tokens" in stats
+    _, hist = c.predict(
+        "and again", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], api_name="/add_message"
+    )
+    assert [m["role"] for m in hist] == ["user", "assistant", "user"]
+    assert text.calls[-1][1][-1]["content"] == "Hi there"
