@@ -15,7 +15,7 @@ import gradio as gr
 from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.chatbot import Chatbot
+from ui.chatbot import lenient_chatbot
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
 from ui.rendered import rendered_turn
@@ -141,7 +141,7 @@ def build_chat_tab(
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
-        chatbot = Chatbot(
+        chatbot = lenient_chatbot(
             show_label=False,
             elem_id="chatbot",
             height="58vh",

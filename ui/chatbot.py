@@ -1,6 +1,6 @@
-"""The chat components: Gradio's Chatbot, also taking messages whose content is plain text, as most chat APIs
-write them (`{"role": "user", "content": "Hi"}`); Gradio 6 holds content as a list of parts and refused those
-with pydantic's "Input should be a valid list" (new-user trial of the API)."""
+"""The chat components take messages whose content is plain text too, as most chat APIs write them
+(`{"role": "user", "content": "Hi"}`): Gradio 6 holds content as a list of parts and refused those with pydantic's
+"Input should be a valid list" (new-user trial of the API)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ class Messages(ChatbotDataMessages):
         return as_parts(data)
 
 
-class Chatbot(gr.Chatbot):
-    """gr.Chatbot (the same component in the page) whose input also takes plain-text content."""
-
-    is_template = True  # the page draws it with Gradio's own Chatbot
-    data_model = Messages
+def lenient_chatbot(**kwargs) -> gr.Chatbot:
+    """gr.Chatbot whose input also takes plain-text content (set on the instance: a subclass makes Gradio write a
+    .pyi stub beside this file at import)."""
+    chatbot = gr.Chatbot(**kwargs)
+    chatbot.data_model = Messages
+    return chatbot

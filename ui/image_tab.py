@@ -16,7 +16,7 @@ from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.chatbot import Chatbot
+from ui.chatbot import lenient_chatbot
 from ui.conversation import is_image_message, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
@@ -119,7 +119,7 @@ def build_image_tab(
                     height=320,
                 )
             with gr.Column(scale=3, min_width=280):
-                chatbot = Chatbot(
+                chatbot = lenient_chatbot(
                     show_label=False,
                     elem_id="image-chatbot",
                     height=380,
