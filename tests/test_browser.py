@@ -648,3 +648,29 @@ def test_two_tabs_keep_their_own_chats_across_reloads(page, engines):
     ready(second)
     page_has(second, "question from tab B", "#chatbot")
     assert "tab A" not in second.inner_text("#chatbot")
+
+
+def test_an_open_page_sees_the_engines_restart_with_the_engine_process(browser, engines, tmp_path, monkeypatch):
+    """With --engine-process a ready engine can go back to loading (its process died and is being started again):
+    a page opened before must keep watching and say so (review: its timer stopped once the engines had settled)."""
+    from ui import page as page_module
+    from ui.page import build_demo, launch_kwargs
+
+    monkeypatch.setattr(page_module, "SETTLED_TICK_S", 1.0)
+    text, vision = engines
+    st = fake_startup(text, vision, host="127.0.0.1", engine_process=True)
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+    _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), "server_port": None, "prevent_thread_lock": True, "quiet": True})
+    try:
+        with new_page(browser, url) as pg:
+            ready(pg)
+            pg.wait_for_timeout(1500)  # settled: the page's own watching slows down
+            slot = st.slots["text"]
+            slot.state = "loading"
+            slot.say("The engine process stopped (exit code -9). Starting the engines again (1 of 3) ...")
+            pg.wait_for_selector("#chat-status:has-text('Starting the engines again')", timeout=10_000)
+            wait_enabled(pg, "#chat-send", on=False)
+            slot.state = "ready"
+            wait_enabled(pg, "#chat-send")
+    finally:
+        demo.close()

@@ -71,10 +71,10 @@ ZH = {
 # What the server writes into the page itself (not through gr.I18n), in the language the browser asks for first
 SERVER_TEXT = {
     "en": {
-        "unanswered": "Your last message has no reply: the page was reloaded while it was being written. Press "
-        "**Regenerate** to get one.",
+        "unanswered": "Your last message has no reply here (the page was reloaded, or opened, while it was being "
+        "written). Press **Regenerate** to get one.",
     },
-    "zh": {"unanswered": "最后一条消息还没有回复：页面在回答生成时被刷新了。点击 **重新生成** 即可重新回答。"},
+    "zh": {"unanswered": "最后一条消息在这里还没有回复（回答生成时页面被刷新或新打开）。点击 **重新生成** 即可获得回答。"},
 }
 
 

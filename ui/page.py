@@ -162,6 +162,7 @@ LITERAL_TEXT = r"""<script>
 </script>"""
 
 
+SETTLED_TICK_S = 10.0  # with --engine-process: how often a page with settled engines still asks for their state
 CHAT_KEY = "internlm2-chat-history"  # where the browser keeps the chat (gr.BrowserState)
 
 # gr.BrowserState keeps the chat in localStorage, which every tab of the browser shares: reloading one tab brought
@@ -176,7 +177,7 @@ OWN_CHAT_PER_TAB = f"""<script>
   }};
   Storage.prototype.setItem = function (k, v) {{
     if (this === localStorage && k === KEY) {{
-      try {{ set.call(sessionStorage, k, v); }} catch (e) {{}}  // full: the shared copy still comes back
+      try {{ set.call(sessionStorage, k, v); }} catch (e) {{ sessionStorage.removeItem(k); }}  // full: the shared copy comes back
     }}
     return set.call(this, k, v);
   }};
@@ -278,12 +279,14 @@ def build_demo(
             with gr.Tab(i18n("system"), id="system") as system_page:
                 system = build_system_tab(slots, system_info, i18n, demo_ref, cfg.redacted() if cfg.auth else None)
 
-        status_timer = gr.Timer(1.0)  # only until both engines have settled (ready, failed or disabled)
+        status_timer = gr.Timer(1.0)  # every second until both engines have settled (ready, failed or disabled)
 
         def refresh_status(seen, request: gr.Request, first: bool = False):
             """Header and banners. Send/Ask start enabled; they are turned off when the page loads before its engine
             is ready, and on when readiness arrives, never otherwise: a reply may be streaming with them locked.
-            Once both engines have settled there is nothing left to watch, and the page's timer stops."""
+            Once both engines have settled there is nothing left to watch and the page's timer stops; with the
+            engine process a settled engine can go back to loading (the process died and is started again), so the
+            timer only slows down."""
             done = settled(slots)  # read first: once settled, nothing read below can change any more
             now = {"text": text_slot.ready, "vision": vision_slot.ready}
 
@@ -299,7 +302,7 @@ def build_demo(
                 status_line(vision_slot),
                 button("vision"),
                 now,
-                gr.Timer(active=False) if done else gr.skip(),
+                (gr.Timer(SETTLED_TICK_S) if cfg.engine_process else gr.Timer(active=False)) if done else gr.skip(),
             )
 
         def on_load(seen, history, request: gr.Request):
