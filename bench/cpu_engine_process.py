@@ -7,7 +7,7 @@ reply on lmdeploy's loop thread, holding the GIL as lmdeploy's generate loop and
 held it for about a quarter of the wall time at 32 users: docs/throughput.md). Returning users on loaded pages, 2
 turns of 256 tokens each; the app runs in a subprocess as in production, and the client shares this machine's
 cores with it, so only the difference between the two sides means anything. Writes $OUT/cpu_engine_process.json.
-The GPU figures come from `bench.bench_app --engine-process`.
+The GPU figures come from `bench.bench_app --app-backend engine-process`.
 """
 
 from __future__ import annotations

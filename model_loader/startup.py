@@ -85,8 +85,10 @@ class Startup:
     ratios: dict[str, float] = field(default_factory=dict)  # KV ratio each engine was (or will be) built with
     _early: list[str] = field(default_factory=list)  # engines built before the plan's turn for them
     _process: EngineProcess | None = None  # the engine process, with --engine-process
-    _built: dict[str, tuple[dict, str]] = field(default_factory=dict)  # what the engine process holds: build args
-    _started_up: threading.Event = field(default_factory=threading.Event)
+    _built: dict[str, tuple[dict, str]] = field(default_factory=dict)  # each engine's build arguments, to rebuild it
+    _held: dict = field(default_factory=dict)  # engine process -> the engines built in it, in build order
+    _dead: dict = field(default_factory=dict)  # engine process that died -> whether it is started again
+    _process_lock: threading.Lock = field(default_factory=threading.Lock)
     _restart_lock: threading.Lock = field(default_factory=threading.Lock)
     restarts: int = 0  # times the engine process was started again after it died
 
@@ -112,8 +114,6 @@ class Startup:
             for s in self.slots.values():
                 if s.state not in ("ready", "disabled", "failed"):
                     s.fail(f"Start-up failed: {e}")
-        finally:
-            self._started_up.set()
 
     def _connect_api_servers(self) -> None:
         from model_loader.engines.api_server import ApiServerEngine  # noqa: PLC0415
@@ -211,45 +211,48 @@ class Startup:
                     finished.add(kind)
 
     def _engine_process(self) -> EngineProcess:
-        """The child process that builds and runs the engines (--engine-process), started at the first build."""
-        if self._process is None or self._process.gone:
-            from model_loader.engines.process import EngineProcess  # noqa: PLC0415
+        """The child process that builds and runs the engines (--engine-process): started at the first build, and
+        again at the next one after it died (one process for every thread that asks meanwhile)."""
+        with self._process_lock:
+            if self._process is None or self._process.gone:
+                from model_loader.engines.process import EngineProcess  # noqa: PLC0415
 
-            process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
-            process.on_exit.append(self._engines_lost)
-            process.start()
-            self._process = process
-        return self._process
+                process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
+                process.on_exit.append(lambda why: self._engines_lost(process, why))
+                process.start()
+                self._process = process
+            return self._process
 
-    def _engines_lost(self, why: str) -> None:
-        """The engine process died (on its reader thread): once start-up is over, start it again and rebuild what it
-        held, up to ENGINE_RESTARTS times; otherwise the engines stay down and the tabs say so."""
-        lost = [kind for kind, slot in self.slots.items() if slot.state in ("loading", "ready")]
+    def _engines_lost(self, process: EngineProcess, why: str) -> None:
+        """An engine process died (on its reader thread): start one again and rebuild the engines it held, up to
+        ENGINE_RESTARTS times; after that they stay down and the tabs say so. An engine it was still building is
+        built again by its own builder (`_load`)."""
         with self._restart_lock:
-            restart = self._started_up.is_set() and self.restarts < ENGINE_RESTARTS and set(lost) <= set(self._built)
-            if restart:
-                self.restarts += 1
-        for kind in lost:
+            restart = self.restarts < ENGINE_RESTARTS
+            self.restarts += restart
+            self._dead[process] = restart
+            held = self._held.pop(process, [])
+        for kind in held:
             if restart:
                 self.slots[kind].state = "loading"
                 self.slots[kind].say(f"{why} Starting the engines again ({self.restarts} of {ENGINE_RESTARTS}) ...")
             else:
                 self.slots[kind].fail(f"{why} Replies cannot be served until the app is restarted.")
-        if restart and lost:
-            threading.Thread(target=self._rebuild, args=(lost,), name="engine-restart", daemon=True).start()
+        if restart and held:
+            threading.Thread(target=self._rebuild, args=(held,), name="engine-restart", daemon=True).start()
 
     def _rebuild(self, kinds: list[str]) -> None:
-        """Build the lost engines again, in the order they were first built, with the same settings."""
-        try:
-            process = self._engine_process()
-        except Exception as e:  # noqa: BLE001 - shown in the tabs
-            for kind in kinds:
-                self.slots[kind].fail(f"The engine process did not start again: {e}")
-            return
-        for kind in [k for k in self._built if k in kinds]:
-            if process.gone:  # died again: its own loss decides what comes next
-                return
+        """Build the lost engines again, in the order they were built, with the same settings."""
+        for kind in kinds:
             self._load(kind, *self._built[kind])
+
+    def _restarted(self, process: EngineProcess) -> bool:
+        """Wait until the loss of `process` has been handled (its reader thread may still be joining it); whether
+        it is to be started again."""
+        end = time.monotonic() + 30
+        while process not in self._dead and time.monotonic() < end:
+            time.sleep(0.05)
+        return self._dead.get(process, False)
 
     def _fail_fetch(self, kind: str, e: BaseException) -> None:
         slot = self.slots[kind]
@@ -320,16 +323,23 @@ class Startup:
 
     def _load(self, kind: str, args: dict, backend: str) -> None:
         """Build one engine (here, or in the engine process) and put it in its slot, or say why it failed."""
+        from model_loader.engines.process import EngineProcessGone  # noqa: PLC0415
+
         slot = self.slots[kind]
+        process = None
         try:
             if self.cfg.engine_process:  # built and run in the child; this process never imports lmdeploy
-                eng = self._engine_process().build(kind, ENGINE_BUILDER, args)
-                self._built[kind] = (args, backend)
+                process = self._engine_process()
+                eng = process.build(kind, ENGINE_BUILDER, args)
             else:
                 from model_loader.engines.turbomind import LmdeployEngine  # noqa: PLC0415
 
                 eng = LmdeployEngine.build(**args)
         except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
+            if isinstance(e, EngineProcessGone) and process is not None and self._restarted(process):
+                slot.say(f"{e} Starting the engines again ({self.restarts} of {ENGINE_RESTARTS}) ...")
+                self._load(kind, args, backend)  # the process died while building this: build it in the next one
+                return
             log.exception("building the %s engine failed", kind)
             named = engine_error(kind, e)
             slot.fail(str(named) if named else f"The {kind} engine failed to start: {e}")
@@ -339,7 +349,17 @@ class Startup:
         planned = next((e for e in self.plan.engines if e.kind == kind), None) if self.plan else None
         if planned is not None:  # the page says "waiting for a free slot" past this many replies at once
             eng.info.capacity = kv_cache.concurrency_for(planned, TYPICAL_CONVERSATION_TOKENS, eng.info.batch_size)
+        if process is not None:
+            with self._restart_lock:  # either its loss sees this engine as held, or this sees the loss
+                dead = process in self._dead
+                if not dead:
+                    self._built[kind] = (args, backend)
+                    self._held.setdefault(process, []).append(kind)
+            if dead:  # died right after building it, before the loss could know
+                if self._dead[process]:
+                    self._load(kind, args, backend)
+                else:
+                    slot.fail(f"{process.gone} Replies cannot be served until the app is restarted.")
+                return
         slot.engine, slot.state = eng, "ready"
         slot.say(f"Ready on {backend} in {eng.info.load_s:.0f} s")
-        if self.cfg.engine_process and eng.host.gone:  # the engine process died before this slot could be failed
-            slot.fail(eng.host.gone)

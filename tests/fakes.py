@@ -460,3 +460,14 @@ def fake_lmdeploy_engine(
         raise RuntimeError(fail)
     pipe = FakePipe(kind=kind, **pipe_kwargs)
     return LmdeployEngine(pipe, EngineInfo(kind=kind, name=f"fake-{kind}", backend="turbomind"))
+
+
+_builds = [0]
+
+
+def slow_second_engine(kind: str = "text", **kwargs):
+    """fake_lmdeploy_engine, but the second engine a process builds takes 3 s (a process can die while it builds)."""
+    _builds[0] += 1
+    if _builds[0] == 2:
+        time.sleep(3)
+    return fake_lmdeploy_engine(kind=kind, **kwargs)

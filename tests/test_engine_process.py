@@ -61,9 +61,9 @@ def test_a_reply_streams_from_the_child_whole_its_first_text_at_once_the_rest_co
             async for item in engine.stream(1, TEXT, GenSettings(max_new_tokens=300)):
                 first = first or time.perf_counter() - t0
                 items.append(item)
-            return first, items
+            return first, items, time.perf_counter() - t0
 
-        first, items = asyncio.run(main())
+        first, items, took = asyncio.run(main())
     finally:
         host.close()
     *deltas, stats = items
@@ -71,7 +71,7 @@ def test_a_reply_streams_from_the_child_whole_its_first_text_at_once_the_rest_co
     assert all(isinstance(d, Delta) for d in deltas)
     assert "".join(d.text for d in deltas) == "".join(f"t{i} " for i in range(300))
     assert first < 0.5, f"the first text waited {first:.2f} s"
-    assert len(messages) <= 3, f"{len(messages)} messages for 300 tokens in {300 * 0.002} s"
+    assert len(messages) <= 3 + int(took), f"{len(messages)} messages for 300 tokens in {took:.1f} s"
 
 
 def test_the_engine_is_built_and_read_in_the_child_as_in_process(engine):
@@ -310,3 +310,27 @@ def test_the_page_chats_and_stops_over_the_engine_process(host, engine, tmp_path
         job.result(timeout=10)
     finally:
         demo.close()
+
+
+def test_a_child_that_dies_while_start_up_still_builds_comes_back_with_both_engines(tiny_models, monkeypatch):
+    """Review: a crash before start-up had finished failed the built engine for good, while the next build quietly
+    started a new child."""
+    from model_loader.config import AppConfig
+    from model_loader.startup import Startup
+
+    monkeypatch.setattr("model_loader.startup.ENGINE_BUILDER", "tests.fakes:slow_second_engine")
+    monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: None)
+    cfg = AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"]), engine_process=True)
+    st = Startup(cfg, {})
+    st.start()
+    text, vision = st.slots["text"], st.slots["vision"]
+    try:
+        wait_until(lambda: {text.state, vision.state} == {"ready", "loading"})
+        built = text if text.ready else vision
+        built.engine.host.proc.kill()  # while the other engine is being built in it
+        wait_until(lambda: text.ready and vision.ready and text.engine.host is vision.engine.host)
+        assert st.restarts == 1 and text.engine.host.proc.is_alive()
+        items = asyncio.run(collect(vision.engine, 1, GenSettings(max_new_tokens=5)))
+        assert items[-1].finish_reason == "length"
+    finally:
+        st._process.close()

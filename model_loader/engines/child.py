@@ -55,6 +55,7 @@ class Host:
         self.flush_s = flush_s
         self.engines: dict = {}
         self.streams: dict[int, asyncio.Task] = {}
+        self._calls: set[asyncio.Task] = set()
         self._text: dict[int, list[str]] = {}
         self._ends: list[tuple[int, Stats]] = []
         self._started: set[int] = set()  # replies whose first text was queued
@@ -74,7 +75,9 @@ class Host:
         tag = message[0]
         if tag == CALL:
             _, call_id, method, args = message
-            self.loop.create_task(self._call(call_id, method, args))
+            task = self.loop.create_task(self._call(call_id, method, args))
+            self._calls.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(self._calls.discard)
         elif tag == STREAM:
             _, rid, kind, session_id, messages, settings = message
             self.streams[rid] = self.loop.create_task(self._stream(rid, kind, session_id, messages, settings))

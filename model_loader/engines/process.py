@@ -196,10 +196,14 @@ class EngineProcess:
         if not self._closing:
             log.error(why)
             for callback in self.on_exit:  # first: the page says the engines are gone before the replies end
-                callback(why)
+                try:
+                    callback(why)
+                except Exception:  # noqa: BLE001 - the calls and replies below must still end
+                    log.exception("telling of the engine process's exit failed")
         for fut in calls:
             _settle(fut, error=EngineProcessGone(why))
         self._deliver([(rid, Stats(0, 0, 0.0, 0.0, "error", why)) for rid in rids])
+        self.conn.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the child to close its engines and exit; end it if it does not. Calls and replies in flight end."""
