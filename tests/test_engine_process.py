@@ -334,3 +334,13 @@ def test_a_child_that_dies_while_start_up_still_builds_comes_back_with_both_engi
         assert items[-1].finish_reason == "length"
     finally:
         st._process.close()
+
+
+def test_a_reply_cancelled_before_it_reaches_the_child_never_runs(engine, host):
+    """An image request is sent from a worker thread, so its reader's cancel can overtake it (review)."""
+    from model_loader.engines.child import CANCEL, STREAM
+
+    host.send((CANCEL, 10_001))
+    host.send((STREAM, 10_001, "text", 9, TEXT, GenSettings(max_new_tokens=100_000)))
+    time.sleep(0.5)
+    assert host.call("active", "text") == 0

@@ -56,6 +56,7 @@ class Host:
         self.engines: dict = {}
         self.streams: dict[int, asyncio.Task] = {}
         self._calls: set[asyncio.Task] = set()
+        self._cancelled: set[int] = set()  # cancelled before they arrived
         self._text: dict[int, list[str]] = {}
         self._ends: list[tuple[int, Stats]] = []
         self._started: set[int] = set()  # replies whose first text was queued
@@ -80,11 +81,16 @@ class Host:
             task.add_done_callback(self._calls.discard)
         elif tag == STREAM:
             _, rid, kind, session_id, messages, settings = message
+            if rid in self._cancelled:  # its reader left before it arrived (an image request is sent from a thread)
+                self._cancelled.discard(rid)
+                return
             self.streams[rid] = self.loop.create_task(self._stream(rid, kind, session_id, messages, settings))
         elif tag == CANCEL:
             task = self.streams.pop(message[1], None)
             if task is not None:
                 task.cancel()  # the reader went away: the engine's stream frees its slot as it unwinds
+            else:
+                self._cancelled.add(message[1])
         elif tag == CLOSE:
             self.closed.set()
 
