@@ -287,7 +287,7 @@ def build_demo(
             Once both engines have settled there is nothing left to watch and the page's timer stops; with the
             engine process a settled engine can go back to loading (the process died and is started again), so the
             timer only slows down."""
-            done = settled(slots)  # read first: once settled, nothing read below can change any more
+            done = settled(slots)  # read first: in process, nothing read below can change once settled
             now = {"text": text_slot.ready, "vision": vision_slot.ready}
 
             def button(kind):
