@@ -249,16 +249,22 @@ def wait_until(predicate, timeout_s: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def test_the_app_builds_its_engines_in_the_engine_process_and_builds_them_again_if_it_dies(tiny_models, monkeypatch):
+def app_startup(tiny_models, monkeypatch, builder: str):
+    """The app's Startup over the tiny checkpoints, with --engine-process and `builder` in the child; no GPU plan."""
     from model_loader.config import AppConfig
-    from model_loader.engines.process import ProcessEngine
     from model_loader.startup import Startup
 
-    monkeypatch.setattr("model_loader.startup.ENGINE_BUILDER", FAKE)
-    monkeypatch.setattr("model_loader.startup.ENGINE_RESTARTS", 1)
+    monkeypatch.setattr("model_loader.startup.ENGINE_BUILDER", builder)
     monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: None)
     cfg = AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"]), engine_process=True)
-    st = Startup(cfg, {})
+    return Startup(cfg, {})
+
+
+def test_the_app_builds_its_engines_in_the_engine_process_and_builds_them_again_if_it_dies(tiny_models, monkeypatch):
+    from model_loader.engines.process import ProcessEngine
+
+    monkeypatch.setattr("model_loader.startup.ENGINE_RESTARTS", 1)
+    st = app_startup(tiny_models, monkeypatch, FAKE)
     st.build_all()
     text, vision = st.slots["text"], st.slots["vision"]
     try:
@@ -315,13 +321,7 @@ def test_the_page_chats_and_stops_over_the_engine_process(host, engine, tmp_path
 def test_a_child_that_dies_while_start_up_still_builds_comes_back_with_both_engines(tiny_models, monkeypatch):
     """Review: a crash before start-up had finished failed the built engine for good, while the next build quietly
     started a new child."""
-    from model_loader.config import AppConfig
-    from model_loader.startup import Startup
-
-    monkeypatch.setattr("model_loader.startup.ENGINE_BUILDER", "tests.fakes:slow_second_engine")
-    monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: None)
-    cfg = AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"]), engine_process=True)
-    st = Startup(cfg, {})
+    st = app_startup(tiny_models, monkeypatch, "tests.fakes:slow_second_engine")
     st.start()
     text, vision = st.slots["text"], st.slots["vision"]
     try:
