@@ -48,7 +48,7 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
 
 
 def test_a_reply_streams_from_the_child_whole_its_first_text_at_once_the_rest_coalesced(monkeypatch):
-    host = EngineProcess(log_level="WARNING", flush_s=1.0)  # text waits up to 1 s, except a reply's first and end
+    host = EngineProcess(log_level="WARNING", flush_s=5.0)  # text waits up to 5 s, except a reply's first and end
     host.start()
     try:
         engine = host.build("text", FAKE, {"kind": "text", "tokens": 100_000, "delay_s": 0.002})
@@ -70,8 +70,8 @@ def test_a_reply_streams_from_the_child_whole_its_first_text_at_once_the_rest_co
     assert isinstance(stats, Stats) and stats.finish_reason == "length" and stats.output_tokens == 300
     assert all(isinstance(d, Delta) for d in deltas)
     assert "".join(d.text for d in deltas) == "".join(f"t{i} " for i in range(300))
-    assert first < 0.5, f"the first text waited {first:.2f} s"
-    assert len(messages) <= 3 + int(took), f"{len(messages)} messages for 300 tokens in {took:.1f} s"
+    assert first < 2.5, f"the first text waited {first:.2f} s"  # not the 5 s that the rest may wait
+    assert len(messages) <= 3 + int(took / 5), f"{len(messages)} messages for 300 tokens in {took:.1f} s"
 
 
 def test_the_engine_is_built_and_read_in_the_child_as_in_process(engine):
@@ -107,7 +107,7 @@ def test_stop_ends_a_reply_at_once_and_frees_its_slot(engine, host):
         return items, time.perf_counter() - t
 
     items, took = asyncio.run(main())
-    assert items[-1].finish_reason == "abort" and took < 2
+    assert items[-1].finish_reason == "abort" and took < 4
     assert engine.active_sessions() == 0 and host.call("active", "text") == 0
 
 

@@ -311,7 +311,7 @@ def build_demo(
             (a reload while it was being written)."""
             history = history or []
             unanswered = bool(history) and history[-1].get("role") == "user"
-            note = server_text(language(request), "unanswered") if unanswered else gr.skip()
+            note = server_text(language(request), "unanswered") if unanswered else ""  # a value: nothing rebuilt
             return (*refresh_status(seen, request, first=True), history, note)
 
         outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
