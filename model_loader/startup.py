@@ -38,7 +38,15 @@ TYPICAL_CONVERSATION_TOKENS = 2048
 OLD_DRIVER_SIGNS = ("cuMulticast", "CUDA driver version is insufficient", "cudaErrorInsufficientDriver")
 MIN_DRIVER = "535"
 ENGINE_BUILDER = "model_loader.engines.turbomind:LmdeployEngine.build"  # what the engine process calls, by name
-ENGINE_RESTARTS = 3  # an engine process that dies is started again this many times, then the engines stay down
+# an engine process that dies is started again, up to this many times within the window; then the engines stay down
+ENGINE_RESTARTS, ENGINE_RESTART_WINDOW_S = 3, 3600.0
+
+
+def recent_restarts(times: list[float], now: float, window_s: float) -> int:
+    """How many of the restarts at `times` fall within the window before `now` (a crash a week ago does not count
+    against one today)."""
+    return sum(1 for t in times if now - t < window_s)
+
 
 Resolver = Callable[[AppConfig, Mapping[str, str], Callable[[str], None]], object]
 
@@ -91,6 +99,7 @@ class Startup:
     _process_lock: threading.Lock = field(default_factory=threading.Lock)
     _restart_lock: threading.Lock = field(default_factory=threading.Lock)
     restarts: int = 0  # times the engine process was started again after it died
+    _restart_times: list[float] = field(default_factory=list)  # when (time.monotonic)
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -225,17 +234,22 @@ class Startup:
 
     def _engines_lost(self, process: EngineProcess, why: str) -> None:
         """An engine process died (on its reader thread): start one again and rebuild the engines it held, up to
-        ENGINE_RESTARTS times; after that they stay down and the tabs say so. An engine it was still building is
+        ENGINE_RESTARTS times within the window; past that they stay down and the tabs say so. An engine it was still building is
         built again by its own builder (`_load`)."""
         with self._restart_lock:
-            restart = self.restarts < ENGINE_RESTARTS
-            self.restarts += restart
+            now = time.monotonic()
+            recent = recent_restarts(self._restart_times, now, ENGINE_RESTART_WINDOW_S)
+            restart = recent < ENGINE_RESTARTS
+            if restart:
+                self.restarts += 1
+                self._restart_times.append(now)
+                recent += 1
             self._dead[process] = restart
             held = self._held.pop(process, [])
         for kind in held:
             if restart:
                 self.slots[kind].state = "loading"
-                self.slots[kind].say(f"{why} Starting the engines again ({self.restarts} of {ENGINE_RESTARTS}) ...")
+                self.slots[kind].say(f"{why} Starting the engines again ({recent} of {ENGINE_RESTARTS} this hour) ...")
             else:
                 self.slots[kind].fail(f"{why} Replies cannot be served until the app is restarted.")
         if restart and held:
@@ -337,7 +351,7 @@ class Startup:
                 eng = LmdeployEngine.build(**args)
         except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
             if isinstance(e, EngineProcessGone) and process is not None and self._restarted(process):
-                slot.say(f"{e} Starting the engines again ({self.restarts} of {ENGINE_RESTARTS}) ...")
+                slot.say(f"{e} Starting the engines again ...")
                 self._load(kind, args, backend)  # the process died while building this: build it in the next one
                 return
             log.exception("building the %s engine failed", kind)

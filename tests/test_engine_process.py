@@ -344,3 +344,12 @@ def test_a_reply_cancelled_before_it_reaches_the_child_never_runs(engine, host):
     host.send((STREAM, 10_001, "text", 9, TEXT, GenSettings(max_new_tokens=100_000)))
     time.sleep(0.5)
     assert host.call("active", "text") == 0
+
+
+def test_only_recent_restarts_count_against_the_limit():
+    """Review: three crashes over weeks of uptime would have left the engines down for good."""
+    from model_loader.startup import recent_restarts
+
+    hour = 3600.0
+    assert recent_restarts([], 10 * hour, hour) == 0
+    assert recent_restarts([1.0, 2 * hour, 9.5 * hour, 9.9 * hour], 10 * hour, hour) == 2
