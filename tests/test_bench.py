@@ -228,7 +228,10 @@ def test_a10_capacity_defaults_to_the_apps_settings():
     cfg = a10_capacity.app_config(child, "int8")
     assert (cfg.text_kv_quant, cfg.vision_kv_quant, cfg.kv_ratio, cfg.text_kv_ratio) == ("int8", "int4", 0.4, 0.6)
     flags, _ = from_args(a10_capacity.app_flags(child, "int8"), {})
-    assert flags == cfg
+    assert flags == cfg and not cfg.engine_process
+    parent = a10_capacity.parse_args(["--via", "app", "--engine-process"])
+    child = a10_capacity.parse_args([*a10_capacity.child_args(parent), "--child", "auto"])
+    assert from_args(a10_capacity.app_flags(child, "auto"), {})[0].engine_process
 
 
 def test_a10_capacity_report_names_what_auto_resolved_to(tmp_path, monkeypatch):
