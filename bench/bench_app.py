@@ -101,6 +101,19 @@ def client_minus_engine(turns: list[dict]) -> float | None:
     return round(d[len(d) // 2], 1) if d else None
 
 
+def engine_processes(pid: int) -> list[int]:
+    """The app's engine process (--engine-process), if it has one: its child started by multiprocessing's spawn."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    out = []
+    for k in kids:
+        try:
+            if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read():
+                out.append(int(k))
+        except OSError:
+            pass
+    return out
+
+
 def py_spy(pid: int, name: str, gil: bool = False) -> subprocess.Popen | None:
     """py-spy recording the app's threads (or only the GIL's holder) as collapsed stacks into $OUT/name."""
     import shutil  # noqa: PLC0415
@@ -122,7 +135,9 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
         for n in a.users_list:
             spies = []
             if a.py_spy and run == 0 and n == max(a.users_list):
-                spies = [s for s in (py_spy(pid, f"spy-{n}.txt"), py_spy(pid, f"spy-{n}-gil.txt", gil=True)) if s]
+                spies = [py_spy(pid, f"spy-{n}.txt"), py_spy(pid, f"spy-{n}-gil.txt", gil=True)]
+                spies += [py_spy(c, f"spy-{n}-engines.txt") for c in engine_processes(pid)]
+                spies = [s for s in spies if s]
             t_spy, cpu = time.perf_counter(), client_cpu_s()
             turns, wall, loads = users_in_browsers(URL, n, a.turns, a.new_tokens, a.users_per_client)
             client_cpu = (client_cpu_s() - cpu) / (time.perf_counter() - t_spy)
@@ -139,7 +154,10 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
             s["sse_bytes_median"] = sorted(t["bytes"] for t in turns)[len(turns) // 2]
             s["client_cpu_pct"] = round(100 * client_cpu, 1)  # the measuring client's load (its processes, % of one core)
             if a.timeline:
-                s["timeline"] = segments(joined(turns, events_for(TIMELINE, turns)))
+                marks = joined(turns, events_for(TIMELINE, turns))
+                s["timeline"] = segments(marks)
+                with (OUT / "timeline-joined.jsonl").open("a") as f:  # every turn's marks, for tails and plots
+                    f.writelines(json.dumps({"users": n, "run": run, **m}) + "\n" for m in marks)
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
         for name, kw in cases(a).items():
@@ -390,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         server = start_api_server(OUT / "app_api_server.log")
         wait_api_server(f"http://127.0.0.1:{API_PORT}")
     TIMELINE.unlink(missing_ok=True)  # marks of this invocation only
+    (OUT / "timeline-joined.jsonl").unlink(missing_ok=True)
     server_url = f"http://127.0.0.1:{API_PORT}" if server else ""
     proc = start_app(OUT / "app.log", a.gradio_profile, server_url, a.timeline, a.app_backend == "engine-process")
     try:
