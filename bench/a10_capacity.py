@@ -3,7 +3,7 @@ users hold conversations of 1k and 3k tokens of history over several turns, for 
 
     python -m bench.a10_capacity [--kv auto,int8] [--vision-kv int8] [--kv-ratio 0.4] [--text-kv-ratio 0.7]
                                  [--users 1,8,16,32] [--history 1024,3072] [--turns 3] [--new-tokens 256]
-                                 [--via seam|app [--engine-process]] [--budget-s 480]
+                                 [--via seam|app [--[no-]engine-process]] [--budget-s 480]
 
 Without flags it runs the app's own defaults (AppConfig): `--kv` lists the text cache's settings (auto is resolved by
 the same plan as the app's), LLaVA keeps --vision-kv, and each engine its KV ratio.
@@ -50,7 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens of each reply (ignore_eos)")
     ap.add_argument("--via", choices=("seam", "app"), default="seam")
     ap.add_argument(
-        "--engine-process", action="store_true", help="with --via app: the app's engines in a child process (--engine-process)"
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=d.engine_process,
+        help="with --via app: the app's engines in a child process (default: the app's)",
     )
     ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this long")
     ap.add_argument("--free-gib", type=float, default=FREE_GIB)
@@ -67,7 +70,7 @@ def app_flags(a: argparse.Namespace, kv: str) -> list[str]:
     return [
         *("--text-model", str(TEXT), "--vision-model", str(VISION), "--text-kv-quant", kv),
         *("--vision-kv-quant", a.vision_kv, "--kv-ratio", str(a.kv_ratio), "--text-kv-ratio", str(a.text_kv_ratio)),
-        *(["--engine-process"] if a.engine_process else []),
+        "--engine-process" if a.engine_process else "--no-engine-process",
     ]
 
 
@@ -327,7 +330,7 @@ def child_args(a: argparse.Namespace) -> list[str]:
         *("--users", a.users, "--history", a.history, "--turns", str(a.turns), "--new-tokens", str(a.new_tokens)),
         *("--via", a.via, "--free-gib", str(a.free_gib), "--vision-kv", a.vision_kv),
         *("--kv-ratio", str(a.kv_ratio), "--text-kv-ratio", str(a.text_kv_ratio)),
-        *(["--engine-process"] if a.engine_process else []),
+        "--engine-process" if a.engine_process else "--no-engine-process",
     ]
 
 

@@ -47,11 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-image", action="store_true", help="skip the image question")
     ap.add_argument(
         "--app-backend",
-        choices=("turbomind", "engine-process", "api_server"),
-        default="turbomind",
-        help="engine-process: the app with --engine-process (its engines in a child process); api_server: the app's "
-        "text engine in its own process (`lmdeploy serve api_server`, the app's engine settings), the app as its "
-        "client; text only",
+        choices=("engine-process", "in-process", "api_server"),
+        default="engine-process",
+        help="engine-process (the app's default): its TurboMind engines in a child process; in-process: in the web "
+        "server's process (--no-engine-process); api_server: the app's text engine in its own process (`lmdeploy "
+        "serve api_server`, the app's engine settings), the app as its client; text only",
     )
     ap.add_argument("--gradio-profile", action="store_true", help="GRADIO_PROFILING=1: Gradio's per-event timings too")
     ap.add_argument("--idle-pages", type=int, default=0, help="also: --case-users users with this many idle pages open")
@@ -78,12 +78,11 @@ TIMELINE = OUT / "timeline.jsonl"
 
 
 def start_app(
-    log_path, gradio_profile: bool = False, server_url: str = "", timeline: bool = False, engine_process: bool = False
+    log_path, gradio_profile: bool = False, server_url: str = "", timeline: bool = False, engine_process: bool = True
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.serve", "--text-model", str(TEXT), "--vision-model", str(VISION)]
     cmd += ["--host", "127.0.0.1", "--port", str(PORT), "--log-level", "WARNING"]
-    if engine_process:
-        cmd += ["--engine-process"]
+    cmd += ["--engine-process" if engine_process else "--no-engine-process"]
     if server_url:
         cmd += ["--backend", "api_server", "--text-server-url", server_url, "--no-enable-vision"]
     with open(log_path, "w") as log:

@@ -44,7 +44,7 @@ def serve(mode: str, token_ms: float, burn_us: float) -> None:
         engine = host.build("text", BUILDER, pipe)
     else:
         engine = fake_lmdeploy_engine(**pipe)
-    st = fake_startup(engine, None, host="127.0.0.1", port=PORT)
+    st = fake_startup(engine, None, host="127.0.0.1", port=PORT, engine_process=mode == "engine-process")
     demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     demo.launch(**{**launch_kwargs(st.cfg, i18n), "quiet": True})
 

@@ -5,6 +5,7 @@ timers), built on the SSE client in bench/sse_client.py; plus waiting for the ap
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -78,8 +79,11 @@ class Page:
     def _follow_timers(self, dep: dict, outputs: list) -> None:
         """Timers an event's outputs turned on or off (gr.Timer(active=...)), as the page applies them."""
         for comp, value in zip(dep.get("outputs") or [], outputs or []):
-            if comp in self.timers and isinstance(value, dict) and "active" in value:
-                self.timers[comp]["active"] = bool(value["active"])
+            if comp in self.timers and isinstance(value, dict):
+                if "active" in value:
+                    self.timers[comp]["active"] = bool(value["active"])
+                if isinstance(value.get("value"), (int, float)):  # gr.Timer(10): a new period
+                    self.timers[comp]["every"] = float(value["value"])
 
     async def predict(self, index: int, data: list) -> list:
         body = {"data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": None}
@@ -116,18 +120,24 @@ class Page:
         res["history"] = outputs[1]
         return res
 
-    async def poll(self, stop: asyncio.Event) -> int:
-        """The page's timers, as an open tab runs them, until `stop`; returns how many ticks were sent."""
+    async def poll(self, stop: asyncio.Event, opened_s_ago: float = 0.0) -> int:
+        """The page's timers, as an open tab runs them, until `stop`; returns how many ticks were sent. A browser's
+        timer fires one period after the page opens, then every period: a page opened `opened_s_ago` seconds ago
+        is somewhere in its period already (the idle pages of a run were opened at different times)."""
         n, step = 0, 0.25
-        due = {t: 0.0 for t in self.timers}
+        start = time.perf_counter()
+        due = {t: start + x["every"] - opened_s_ago % x["every"] for t, x in self.timers.items()}
         while not stop.is_set():
             now = time.perf_counter()
             for d in self.ticks:
                 t = (d.get("targets") or [[None]])[0][0]
                 if self.timers.get(t, {}).get("active") and now >= due.get(t, 0.0):
-                    due[t] = now + self.timers[t]["every"]
+                    every = self.timers[t]["every"]
+                    due[t] = now + every
                     await self.predict(d["id"], input_defaults(self.config, d))
                     n += 1
+                    if self.timers[t]["every"] != every:  # the tick gave the timer a new period: it starts now
+                        due[t] = time.perf_counter() + self.timers[t]["every"]
             try:
                 await asyncio.wait_for(stop.wait(), step)
             except asyncio.TimeoutError:
@@ -168,7 +178,8 @@ async def users_on_pages(
         idle = [Page(http, url, config) for _ in range(idle_pages)]
         await asyncio.gather(*[p.load() for p in idle])
         stop_idle = asyncio.Event()
-        polling = [asyncio.ensure_future(p.poll(stop_idle)) for p in idle]
+        opened = random.Random(len(idle))  # when each idle page was opened, the same in every run
+        polling = [asyncio.ensure_future(p.poll(stop_idle, opened.uniform(0, 3600))) for p in idle]
 
         async def one(i: int, page: Page) -> list[dict]:
             out = []

@@ -82,9 +82,10 @@ class AppConfig:
         BACKENDS,
     )
     engine_process: bool = setting(
-        False,
+        True,
         "APP_ENGINE_PROCESS",
-        "Run the TurboMind engines in a child process, off the web server's interpreter (docs/throughput.md).",
+        "Run the TurboMind engines in a child process, off the web server's interpreter (docs/throughput.md); "
+        "api_server engines are in their servers' processes already.",
     )
     text_server_url: str = setting("", "APP_TEXT_SERVER_URL", "api_server (or proxy) URL for the text model.")
     vision_server_url: str = setting("", "APP_VISION_SERVER_URL", "api_server (or proxy) URL for the vision model.")
@@ -129,15 +130,15 @@ class AppConfig:
                     f"--{missing[0]}-server-url), or --no-enable-{missing[0]}.",
                     "Point it at `lmdeploy serve api_server` or its proxy, e.g. http://127.0.0.1:23333.",
                 )
-            if self.engine_process:
-                raise ConfigError(
-                    "--engine-process runs TurboMind in a child process; with --backend api_server the engines "
-                    "already run in their servers' processes."
-                )
         elif any(url for _, url in urls.values()):
             raise ConfigError("A server URL is set but the backend is turbomind: add --backend api_server to use it.")
         if not (self.enable_text or self.enable_vision):
             raise ConfigError("Both models are disabled: enable at least one.")
+
+    @property
+    def engines_in_child(self) -> bool:
+        """TurboMind's engines are built and run in the engine process (api_server engines never are)."""
+        return self.engine_process and self.backend == "turbomind"
 
     def kv_ratio_for(self, kind: str) -> float:
         """The KV ratio of the 'text' or 'vision' engine."""

@@ -342,7 +342,7 @@ class Startup:
         slot = self.slots[kind]
         process = None
         try:
-            if self.cfg.engine_process:  # built and run in the child; this process never imports lmdeploy
+            if self.cfg.engines_in_child:  # built and run in the child; this process never imports lmdeploy
                 process = self._engine_process()
                 eng = process.build(kind, ENGINE_BUILDER, args)
             else:

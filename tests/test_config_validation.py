@@ -45,18 +45,22 @@ def test_defaults_match_openxlab():
         {"APP_AUTH": "nopassword"},
         {"APP_BACKEND": "api_server", "APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # vision enabled, no URL
         {"APP_TEXT_SERVER_URL": "http://127.0.0.1:23333"},  # a URL the turbomind backend would ignore
-        # the engines are in their servers' processes already
-        {
-            "APP_BACKEND": "api_server",
-            "APP_TEXT_SERVER_URL": "http://a:1",
-            "APP_VISION_SERVER_URL": "http://b:1",
-            "APP_ENGINE_PROCESS": "1",
-        },
     ],
 )
 def test_bad_settings_are_named_errors(env):
     with pytest.raises(ConfigError):
         from_env(env)
+
+
+def test_the_engines_run_in_their_own_process_by_default_and_the_api_server_backend_needs_no_switch():
+    """TurboMind runs in a child process unless --no-engine-process (docs/throughput.md, round 5: more tokens/s and a
+    sooner first text at 16-32 users); with api_server the engines are in their servers' processes already, so the
+    setting has nothing to move and an api_server configuration is valid as it is."""
+    assert from_env({}).engine_process and not from_env({"APP_ENGINE_PROCESS": "0"}).engine_process
+    urls = {"APP_TEXT_SERVER_URL": "http://a:1", "APP_VISION_SERVER_URL": "http://b:1"}
+    assert from_env({"APP_BACKEND": "api_server", **urls}).backend == "api_server"
+    cfg, _ = from_args(["--no-engine-process"], {})
+    assert not cfg.engine_process
 
 
 def test_auth_is_redacted():

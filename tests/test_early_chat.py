@@ -121,7 +121,9 @@ def test_chat_answers_while_llava_is_still_downloading(full_size_text, full_size
     monkeypatch.setattr(LmdeployEngine, "build", staticmethod(build))
     monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: A10)
     # the default LLaVA's shape is what the plan assumes until its files are here
-    st = Startup(AppConfig(vision_model="llava-hf/llava-1.5-7b-hf", text_model="internlm/internlm2-chat-1_8b"), {})
+    st = Startup(
+        AppConfig(vision_model="llava-hf/llava-1.5-7b-hf", text_model="internlm/internlm2-chat-1_8b", engine_process=False), {}
+    )
     st.start()
     assert wait_for(lambda: st.slots["text"].ready), st.slots["text"].message
     vision = st.slots["vision"]
@@ -159,7 +161,7 @@ def test_vision_first_when_it_arrives_first(full_size_text, full_size_vision, mo
         ),
     )
     monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: A10)
-    st = Startup(AppConfig(), {})
+    st = Startup(AppConfig(engine_process=False), {})
     st.start()
     assert wait_for(lambda: st.slots["vision"].ready)
     assert "calibrating layer 3/24" in status_line(st.slots["text"])
@@ -185,7 +187,7 @@ def test_an_old_nvidia_driver_is_named(tiny_models, monkeypatch):
     monkeypatch.setattr(LmdeployEngine, "build", staticmethod(build))
     monkeypatch.setattr("model_loader.startup.gpu_memory", lambda: None)
     monkeypatch.setattr("model_loader.startup.driver_version", lambda: "525.147.05")
-    st = Startup(AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"])), {})
+    st = Startup(AppConfig(text_model=str(tiny_models["awq"]), vision_model=str(tiny_models["llava"]), engine_process=False), {})
     st.build_all()
     msg = st.slots["text"].message
     assert st.slots["text"].state == "failed" and "driver 535 or newer" in msg and "525.147.05" in msg

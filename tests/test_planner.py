@@ -154,7 +154,7 @@ def test_cli_plan_help_and_no_gpu():
 def test_system_info_gives_the_tab_tokens_and_conversations():
     from model_loader.startup import Startup
 
-    st = Startup(AppConfig(text_kv_quant="int8"), {})
+    st = Startup(AppConfig(text_kv_quant="int8", engine_process=False), {})
     st.plan = a10_plan(st.cfg)
     info = st.system_info()
     text = next(e for e in st.plan.engines if e.kind == "text")
@@ -170,7 +170,7 @@ def test_system_info_shows_auto_resolved():
     """The System tab shows the precision TurboMind gets: auto resolved, and why."""
     from model_loader.startup import Startup
 
-    st = Startup(AppConfig(), {})
+    st = Startup(AppConfig(engine_process=False), {})
     st.plan = a10_plan(st.cfg)
     info = st.system_info()
     assert info["capacity"]["text"]["kv_quant"] == "int4"
@@ -187,7 +187,7 @@ def test_system_tab_shows_the_resolved_text_precision():
     from model_loader.startup import Startup
     from ui.system_tab import build_system_tab
 
-    st = Startup(AppConfig(), {})
+    st = Startup(AppConfig(engine_process=False), {})
     st.plan = a10_plan(st.cfg)
     with gr.Blocks():
         tab = build_system_tab(st.slots, st.system_info, lambda k: k, [])

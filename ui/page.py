@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import html
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -302,7 +303,7 @@ def build_demo(
                 status_line(vision_slot),
                 button("vision"),
                 now,
-                (gr.Timer(SETTLED_TICK_S) if cfg.engine_process else gr.Timer(active=False)) if done else gr.skip(),
+                (gr.Timer(SETTLED_TICK_S) if cfg.engines_in_child else gr.Timer(active=False)) if done else gr.skip(),
             )
 
         def on_load(seen, history, request: gr.Request):
@@ -345,6 +346,17 @@ def build_demo(
     return demo, i18n
 
 
+def without_fastapi_telemetry() -> dict:
+    """FastAPI's native OpenTelemetry looks up OpenTelemetry's providers on every request, 5% of the web server's
+    loop at 32 users (py-spy, CPU; docs/throughput.md); the app exports no telemetry, so it is off. FastAPI releases
+    without it take no such argument."""
+    from fastapi import FastAPI  # noqa: PLC0415
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def launch_kwargs(cfg: AppConfig, i18n) -> dict:
     """Safe launch settings: never a public share link, no extra served paths, bounded uploads, optional login."""
     kw = dict(
@@ -358,6 +370,7 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         css=CSS,
         head=HEAD + ENTER_GUARD + LITERAL_TEXT + OWN_CHAT_PER_TAB,
         show_error=True,
+        app_kwargs=without_fastapi_telemetry(),
     )
     if cfg.auth:
         kw["auth"] = cfg.auth_pairs()
