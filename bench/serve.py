@@ -72,6 +72,8 @@ def main() -> int:
         base, per_step, most = os.environ["BENCH_UI_INTERVAL"].split(",")
         streaming.UI_INTERVAL_S, streaming.BUSY_STREAMS_PER_STEP = float(base), float(per_step)
         streaming.MAX_UI_INTERVAL_S = float(most)
+    if os.environ.get("BENCH_COUNT_ONE_BY_ONE"):  # A/B: trimming asks the engine process once per turn, as before
+        del process.ProcessEngine.count_tokens_each
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

@@ -353,3 +353,23 @@ def test_only_recent_restarts_count_against_the_limit():
     hour = 3600.0
     assert recent_restarts([], 10 * hour, hour) == 0
     assert recent_restarts([1.0, 2 * hour, 9.5 * hour, 9.9 * hour], 10 * hour, hour) == 2
+
+
+def test_trimming_a_long_chat_asks_the_engine_process_twice_at_most(host, engine, monkeypatch):
+    """Trimming counts every turn of the chat; over the engine process each count was a round trip through the
+    child's busy loop (15 for a 20-turn chat, 7.5 ms against 0.6 ms in process, idle on CPU). The counts go in one
+    message, and the kept chat's exact count in a second, with the same result as in process."""
+    from tests.fakes import fake_lmdeploy_engine
+    from ui import streaming
+
+    chat = [{"role": "system", "content": "You are helpful."}]
+    for t in range(20):
+        chat += [{"role": "user", "content": f"question {t} " * 60}, {"role": "assistant", "content": f"answer {t} " * 60}]
+    chat.append({"role": "user", "content": "and now?"})
+    asked = []
+    call_async = host.call_async
+    monkeypatch.setattr(host, "call_async", lambda method, *a: (asked.append(method), call_async(method, *a))[1])
+    kept, note = asyncio.run(streaming.fit_messages(engine, chat, 4096, 256))
+    here, _ = asyncio.run(streaming.fit_messages(fake_lmdeploy_engine(kind="text"), chat, 4096, 256))
+    assert kept == here and 3 < len(kept) < len(chat) and "left out" in note
+    assert len(asked) <= 2, asked

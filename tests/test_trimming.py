@@ -119,7 +119,7 @@ def test_trim_to_fit_is_exact_with_a_template_that_is_not_additive():
         return 30 + sum(len(m["content"].split()) for m in msgs) + len(msgs) ** 2
 
     msgs = conversation_of(20, words=10)
-    kept, dropped, tokens = conversation.trim_to_fit(msgs, count, 400)
+    kept, dropped, tokens = conversation.trim_to_fit(msgs, lambda chats: [count(c) for c in chats], 400)
     assert tokens == count(kept) <= 400 and kept[-1]["content"] == "and now?" and dropped == len(msgs) - len(kept)
     assert count(kept[:1] + msgs[len(msgs) - len(kept) - 2 :]) > 400
 

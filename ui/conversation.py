@@ -119,12 +119,15 @@ def _turns(messages: list[dict]) -> list[list[dict]]:
     return turns
 
 
-def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int, int]:
-    """Drop the oldest turns (never the system prompt nor the last question) until `count` fits `budget`.
+def trim_to_fit(
+    messages: list[dict], count_each: Callable[[list[list[dict]]], list[int]], budget: int
+) -> tuple[list[dict], int, int]:
+    """Drop the oldest turns (never the system prompt nor the last question) until the count fits `budget`.
 
     Each turn is counted once, as the tokens it adds to the system prompt and the question (so any chat template
     works, however it frames a conversation); the kept conversation is then counted exactly, dropping a further
-    turn only if the estimate was short. About turns + 2 calls of `count` instead of one per dropped turn.
+    turn only if the estimate was short. `count_each` counts several conversations in one call (for the engine
+    process, one round trip): one call for every turn, one for the kept chat, instead of one per turn.
     Returns the kept messages, how many were dropped, and their exact count (over `budget` only when the system
     prompt and the question alone do not fit).
     """
@@ -132,18 +135,18 @@ def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget
     rest = messages[len(system) :]
     last = rest[-1:]
     turns = _turns(rest[:-1])
-    base = count(system + last)
+    base, *each = count_each([system + last] + [system + turn + last for turn in turns])
     if base > budget or not turns:
         return system + last, len(rest) - len(last), base
     total, keep = base, 0
-    for turn in reversed(turns):
-        total += count(system + turn + last) - base
+    for tokens in reversed(each):
+        total += tokens - base
         if total > budget:
             break
         keep += 1
     while True:
         kept = system + [m for t in turns[len(turns) - keep :] for m in t] + last
-        tokens = count(kept) if keep else base
+        tokens = count_each([kept])[0] if keep else base
         if tokens <= budget or keep == 0:
             return kept, len(messages) - len(kept), tokens
         keep -= 1

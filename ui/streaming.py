@@ -292,6 +292,13 @@ async def stream_into(
     yield history, notice
 
 
+def count_each(engine: ChatEngine) -> Callable[[list[list[dict]]], list[int]]:
+    """Token counts of several conversations in one call: the engine process counts them in one round trip
+    (ProcessEngine.count_tokens_each), an engine in this process one by one."""
+    each = getattr(engine, "count_tokens_each", None)
+    return each if each is not None else (lambda chats: [engine.count_tokens(c) for c in chats])
+
+
 async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
     """Drop the oldest turns that no longer fit the window and say so; refuse a message that cannot fit at all.
 
@@ -300,7 +307,7 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     budget = max(64, session_len - max_new)
     if token_upper_bound(messages) <= budget:
         return messages, ""  # fits for sure: no tokenizer work at all
-    kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, engine.count_tokens, budget)
+    kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, count_each(engine), budget)
     if tokens > budget:
         with_system = " with the system prompt" if kept[0]["role"] == "system" else ""
         room = session_len - tokens  # what a reply could keep if the message stays as it is

@@ -282,6 +282,10 @@ class ProcessEngine:
     def count_tokens(self, messages: list[dict]) -> int:
         return self.host.call("count_tokens", self.kind, _without_images(messages))
 
+    def count_tokens_each(self, chats: list[list[dict]]) -> list[int]:
+        """count_tokens of several conversations in one round trip (trimming counts every turn of a chat)."""
+        return self.host.call("count_tokens_each", self.kind, [_without_images(c) for c in chats])
+
     def active_sessions(self) -> int:
         """Replies in flight (counted here: the page asks every second)."""
         return self._active
