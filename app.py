@@ -224,7 +224,10 @@ def serve(cfg, env: Mapping[str, str]) -> int:
     startup = Startup(cfg, env)
     freeze_heap_after(startup.start())
     demo, i18n = build_demo(startup.slots, cfg, startup.system_info)
-    demo.launch(**launch_kwargs(cfg, i18n))
+    try:
+        demo.launch(**launch_kwargs(cfg, i18n))  # returns when the server stops (Ctrl+C)
+    finally:
+        startup.close()
     return 0
 
 

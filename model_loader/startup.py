@@ -100,6 +100,7 @@ class Startup:
     _restart_lock: threading.Lock = field(default_factory=threading.Lock)
     restarts: int = 0  # times the engine process was started again after it died
     _restart_times: list[float] = field(default_factory=list)  # when (time.monotonic)
+    _closed: bool = False  # the app is exiting: no engine process is started any more
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -222,15 +223,25 @@ class Startup:
     def _engine_process(self) -> EngineProcess:
         """The child process that builds and runs the engines (--engine-process): started at the first build, and
         again at the next one after it died (one process for every thread that asks meanwhile)."""
-        with self._process_lock:
-            if self._process is None or self._process.gone:
-                from model_loader.engines.process import EngineProcess  # noqa: PLC0415
+        from model_loader.engines.process import EngineProcess, EngineProcessGone  # noqa: PLC0415
 
+        with self._process_lock:
+            if self._closed:
+                raise EngineProcessGone("The app is closing.")
+            if self._process is None or self._process.gone:
                 process = EngineProcess(self.cfg.log_level, switch_interval_s=sys.getswitchinterval())
                 process.on_exit.append(lambda why: self._engines_lost(process, why))
                 process.start()
                 self._process = process
             return self._process
+
+    def close(self) -> None:
+        """The app is exiting: close the engine process, so that its engines free the GPU and its end is not taken
+        for a crash; nothing is built again."""
+        with self._process_lock:
+            process, self._process, self._closed = self._process, None, True
+        if process is not None:
+            process.close()
 
     def _engines_lost(self, process: EngineProcess, why: str) -> None:
         """An engine process died (on its reader thread): start one again and rebuild the engines it held, up to

@@ -373,3 +373,59 @@ def test_trimming_a_long_chat_asks_the_engine_process_twice_at_most(host, engine
     here, _ = asyncio.run(streaming.fit_messages(fake_lmdeploy_engine(kind="text"), chat, 4096, 256))
     assert kept == here and 3 < len(kept) < len(chat) and "left out" in note
     assert len(asked) <= 2, asked
+
+
+def test_ctrl_c_closes_the_app_and_its_engine_process_without_a_restart(tiny_models, tmp_path):
+    """Ctrl+C reaches the whole terminal's process group: the engine process must not die of it first and be taken
+    for a crash (and started again while the app exits); the app closes it, and both are gone."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import app
+        from model_loader import startup
+        from model_loader.config import AppConfig
+        if __name__ == "__main__":
+            startup.ENGINE_BUILDER = "tests.fakes:fake_lmdeploy_engine"
+            startup.gpu_memory = lambda: None
+            cfg = AppConfig(text_model={str(tiny_models["awq"])!r}, vision_model={str(tiny_models["llava"])!r},
+                            host="127.0.0.1", port={port})
+            app.configure_logging("INFO")
+            sys.exit(app.serve(cfg, {{}}))
+        """
+    )
+    (tmp_path / "serve.py").write_text(script)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen(
+            [sys.executable, str(tmp_path / "serve.py")],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": root, "GRADIO_ANALYTICS_ENABLED": "False"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: log.read_text().count("Ready on turbomind") >= 2 or p.poll() is not None, 90)
+        assert p.poll() is None, log.read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl+C in the terminal does
+        assert p.wait(30) == 0, log.read_text()[-3000:]
+        end = time.monotonic() + 15
+        while True:  # every process of the group is gone: the engine process too
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < end, "the engine process outlived the app"
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Starting the engines again" not in text and "Traceback" not in text, text[-3000:]

@@ -19,6 +19,7 @@ import asyncio
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -190,6 +191,9 @@ def serve(conn: Connection, log_level: str = "INFO", switch_interval_s: float | 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [engines] %(name)s: %(message)s")
     if switch_interval_s:
         sys.setswitchinterval(switch_interval_s)
+    # Ctrl+C reaches the terminal's whole process group; the page's process closes this one as it exits (or its
+    # pipe closes), so the interrupt must not end it first and be taken for a crash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def main() -> None:
         host = Host(conn, asyncio.get_running_loop(), flush_s)
