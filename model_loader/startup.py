@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
-from model_loader.errors import AppError, DoesNotFit, DriverTooOld
+from model_loader.errors import AppError, DoesNotFit, DriverTooOld, EngineFailed
 from model_loader.memory import kv_cache, planner
 from model_loader.memory.gpu import gpu_memory
 
@@ -40,6 +40,7 @@ MIN_DRIVER = "535"
 ENGINE_BUILDER = "model_loader.engines.turbomind:LmdeployEngine.build"  # what the engine process calls, by name
 # an engine process that dies is started again, up to this many times within the window; then the engines stay down
 ENGINE_RESTARTS, ENGINE_RESTART_WINDOW_S = 3, 3600.0
+BUILD_RETRIES = 1  # an engine whose build ended the engine process is built once more, then fails
 
 
 def recent_restarts(times: list[float], now: float, window_s: float) -> int:
@@ -101,6 +102,7 @@ class Startup:
     restarts: int = 0  # times the engine process was started again after it died
     _restart_times: list[float] = field(default_factory=list)  # when (time.monotonic)
     _closed: bool = False  # the app is exiting: no engine process is started any more
+    _crashed_builds: dict[str, int] = field(default_factory=dict)  # engine -> engine processes that died building it
 
     def __post_init__(self) -> None:
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
@@ -362,13 +364,17 @@ class Startup:
                 eng = LmdeployEngine.build(**args)
         except Exception as e:  # noqa: BLE001 - an engine that fails to build must not take the other down
             if isinstance(e, EngineProcessGone) and process is not None and self._restarted(process):
-                slot.say(f"{e} Starting the engines again ...")
-                self._load(kind, args, backend)  # the process died while building this: build it in the next one
-                return
+                self._crashed_builds[kind] = self._crashed_builds.get(kind, 0) + 1
+                if self._crashed_builds[kind] <= BUILD_RETRIES:  # a one-off crash: build it in the next process
+                    slot.say(f"{e} Starting the engines again ...")
+                    self._load(kind, args, backend)
+                    return
+                e = EngineFailed(f"{e} It stopped while the {kind} engine was being built, {BUILD_RETRIES + 1} times in a row.")
             log.exception("building the %s engine failed", kind)
             named = engine_error(kind, e)
             slot.fail(str(named) if named else f"The {kind} engine failed to start: {e}")
             return
+        self._crashed_builds.pop(kind, None)
         after = gpu_memory()
         slot.used_mib_after = after.used_mib if after else 0.0
         planned = next((e for e in self.plan.engines if e.kind == kind), None) if self.plan else None

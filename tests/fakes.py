@@ -9,6 +9,7 @@ templating, image preprocessing and the wait for an instance, `stop_session` dro
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -470,4 +471,12 @@ def slow_second_engine(kind: str = "text", **kwargs):
     _builds[0] += 1
     if _builds[0] == 2:
         time.sleep(3)
+    return fake_lmdeploy_engine(kind=kind, **kwargs)
+
+
+def vision_build_aborts(kind: str = "text", **kwargs):
+    """fake_lmdeploy_engine, but building the vision engine ends the process at once, as TurboMind does when it
+    aborts (an allocation it cannot make): the crash repeats at every try."""
+    if kind == "vision":
+        os._exit(134)
     return fake_lmdeploy_engine(kind=kind, **kwargs)

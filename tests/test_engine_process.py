@@ -429,3 +429,22 @@ def test_ctrl_c_closes_the_app_and_its_engine_process_without_a_restart(tiny_mod
             os.killpg(p.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Starting the engines again" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_a_build_that_ends_the_engine_process_each_time_is_tried_twice_then_fails(tiny_models, monkeypatch):
+    """Review: an engine whose build kills the child every time (TurboMind aborting) was built again at every restart
+    until the hour's restarts were spent, taking the text engine down each time, and then nothing was left for a real
+    crash. It is tried once more (a crash can be a one-off), then it fails, naming why, and the other one serves."""
+    st = app_startup(tiny_models, monkeypatch, "tests.fakes:vision_build_aborts")
+    st.build_all()
+    text, vision = st.slots["text"], st.slots["vision"]
+    try:
+        wait_until(lambda: text.ready and vision.state == "failed")
+        assert "engine process stopped" in vision.message and "while the vision engine was being built" in vision.message, (
+            vision.message
+        )
+        assert st.restarts == 2
+        items = asyncio.run(collect(text.engine, 1, GenSettings(max_new_tokens=5)))
+        assert items[-1].finish_reason == "length"
+    finally:
+        st._process.close()
