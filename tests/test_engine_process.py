@@ -448,3 +448,15 @@ def test_a_build_that_ends_the_engine_process_each_time_is_tried_twice_then_fail
         assert items[-1].finish_reason == "length"
     finally:
         st._process.close()
+
+
+def test_the_engine_process_keeps_logging_after_lmdeploy_is_imported(capfd):
+    """Review: lmdeploy turns every plain StreamHandler of the root logger down to ERROR when it makes its logger,
+    so the engine process's own INFO lines stopped after its first build."""
+    h = EngineProcess(log_level="INFO")
+    h.start()
+    try:
+        h.build("text", FAKE, {"kind": "text"})
+        wait_until(lambda: "objects left out of garbage collection" in capfd.readouterr().err, 20)
+    finally:
+        h.close()

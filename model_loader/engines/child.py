@@ -185,10 +185,17 @@ def _read(conn: Connection, host: Host) -> None:
         os._exit(1)
 
 
+class _KeptLevel(logging.StreamHandler):
+    """The engine process's log handler. lmdeploy sets every plain StreamHandler of the root logger to ERROR when it
+    makes its own logger (`type(handler) is logging.StreamHandler`), which silenced this process after its first
+    build; a subclass keeps its level."""
+
+
 def serve(conn: Connection, log_level: str = "INFO", switch_interval_s: float | None = None, flush_s: float = FLUSH_S) -> None:
     """The engine process's entry point (multiprocessing's target)."""
     level = getattr(logging, str(log_level).upper(), logging.INFO)  # as app.configure_logging reads it
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [engines] %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s [engines] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[_KeptLevel()])
     if switch_interval_s:
         sys.setswitchinterval(switch_interval_s)
     # Ctrl+C reaches the terminal's whole process group; the page's process closes this one as it exits (or its
