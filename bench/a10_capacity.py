@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ import time
 import traceback
 from datetime import date
 
-from bench.runs import OUT, TEXT, VISION, ballast, save
+from bench.runs import OUT, TEXT, VISION, ballast, save, stop_app
 from bench.workload import blocks_from_log, match_blocks, one_turn, seam_users, summarize
 
 FREE_GIB = 22.5
@@ -53,7 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--engine-process",
         action=argparse.BooleanOptionalAction,
         default=d.engine_process,
-        help="with --via app: the app's engines in a child process (default: the app's)",
+        help="with --via app: the app's engines in a child process (default: the app's); the seam mode drives the "
+        "engines in this process",
     )
     ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this long")
     ap.add_argument("--free-gib", type=float, default=FREE_GIB)
@@ -79,6 +81,12 @@ def app_config(a: argparse.Namespace, kv: str):
     from model_loader.config import from_args  # noqa: PLC0415
 
     return from_args(app_flags(a, kv), {})[0]
+
+
+def seam_config(a: argparse.Namespace, kv: str):
+    """app_config with the engines in this process: the seam mode drives LmdeployEngine itself (and reads its pipe's
+    metrics)."""
+    return dataclasses.replace(app_config(a, kv), engine_process=False)
 
 
 def planned(a: argparse.Namespace, kv: str) -> dict:
@@ -170,7 +178,7 @@ def run_setting_seam(a: argparse.Namespace, kv: str, deadline: float) -> dict:
     from model_loader.startup import Startup  # noqa: PLC0415
 
     r: dict = {"kv": kv, "plan": planned(a, kv)}
-    st = Startup(app_config(a, kv), dict(os.environ))
+    st = Startup(seam_config(a, kv), dict(os.environ))
     t0 = time.perf_counter()
     st.build_all()
     r["build_s"] = round(time.perf_counter() - t0, 1)
@@ -223,8 +231,7 @@ def run_setting_app(a: argparse.Namespace, kv: str, deadline: float) -> dict:
 
         r["runs"] = grid(a, kv, deadline, measure)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_app(proc)
     r["turbomind_reported"] = blocks_from_log(log_path.read_text(errors="replace"))
     return r
 

@@ -32,7 +32,7 @@ def main() -> None:
     r = {"free_gib": free_gib, "ballast_mib": ballast.numel() // 2**20, "free_mib_smi": mem.free_mib}
     from model_loader.startup import Startup
 
-    st = Startup(AppConfig(text_model=str(TEXT), vision_model=str(VISION)), dict(os.environ))
+    st = Startup(AppConfig(text_model=str(TEXT), vision_model=str(VISION), engine_process=False), dict(os.environ))  # one context
     t0 = time.perf_counter()
     st.build_all()
     r["build_s"] = round(time.perf_counter() - t0, 1)

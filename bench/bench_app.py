@@ -26,7 +26,7 @@ import time
 from datetime import date
 
 from bench.pages import gradio_phases, users_in_browsers, users_on_pages, wait_ready
-from bench.runs import OUT, TEXT, VISION, as_the_app_builds, save
+from bench.runs import OUT, TEXT, VISION, as_the_app_builds, engine_processes, save, stop_app
 from bench.sse_client import image_in_page, image_users
 from bench.timeline import events_for, joined, segments
 from bench.workload import seam_users, spread, summarize
@@ -98,19 +98,6 @@ def client_minus_engine(turns: list[dict]) -> float | None:
     """Median of (first text at the client - the engine's first token), ms: what the app adds to the wait."""
     d = sorted(t["first_ms"] - t["engine_ttft_ms"] for t in turns if t.get("first_ms") and t.get("engine_ttft_ms") is not None)
     return round(d[len(d) // 2], 1) if d else None
-
-
-def engine_processes(pid: int) -> list[int]:
-    """The app's engine process (--engine-process), if it has one: its child started by multiprocessing's spawn."""
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    out = []
-    for k in kids:
-        try:
-            if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read():
-                out.append(int(k))
-        except OSError:
-            pass
-    return out
 
 
 def py_spy(pid: int, name: str, gil: bool = False) -> subprocess.Popen | None:
@@ -425,8 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for p in (proc, server):
             if p is not None:
-                p.terminate()
-                p.wait(60)
+                stop_app(p)
     if a.no_raw:
         save("app.json", results)
         return

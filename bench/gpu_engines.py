@@ -268,7 +268,9 @@ def main() -> None:
         run_stage(results, "ratios", ratios)
     from model_loader.startup import Startup  # noqa: PLC0415
 
-    st = Startup(AppConfig(text_model=str(TEXT), vision_model=str(VISION)), dict(os.environ))
+    st = Startup(
+        AppConfig(text_model=str(TEXT), vision_model=str(VISION), engine_process=False), dict(os.environ)
+    )  # reads the pipe
     run_stage(results, "startup", startup_stage, st, used_mib())
     text, vision = st.slots["text"].engine, st.slots["vision"].engine
     if text:

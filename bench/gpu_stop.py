@@ -281,7 +281,9 @@ def main() -> None:
     R["checkpoint_write_s"] = ensure_checkpoints()
     from model_loader.startup import Startup  # noqa: PLC0415
 
-    st = Startup(AppConfig(text_model=str(TEXT), vision_model=str(VISION)), dict(os.environ))
+    st = Startup(
+        AppConfig(text_model=str(TEXT), vision_model=str(VISION), engine_process=False), dict(os.environ)
+    )  # reads the pipe
     u0 = used_mib()
     t1 = time.perf_counter()
     st.build_all()

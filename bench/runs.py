@@ -82,3 +82,36 @@ def percentile(values: list[float], q: float) -> float | None:
     lo = int(k)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def engine_processes(pid: int) -> list[int]:
+    """The app's engine process (--engine-process), if it has one: its child started by multiprocessing's spawn."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    out = []
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(int(k))
+        except OSError:
+            pass
+    return out
+
+
+def stop_app(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """End a launched app and wait until its engine process has gone too (it exits once the app's pipe closes), so
+    the next measurement finds the GPU free."""
+    children = engine_processes(proc.pid)
+    proc.terminate()
+    proc.wait(timeout_s)
+    end = time.monotonic() + timeout_s
+    while any(os.path.exists(f"/proc/{c}") and _running(c) for c in children) and time.monotonic() < end:
+        time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

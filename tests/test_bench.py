@@ -257,6 +257,8 @@ def test_a10_capacity_defaults_to_the_apps_settings():
     parent = a10_capacity.parse_args(["--via", "app", "--no-engine-process"])
     child = a10_capacity.parse_args([*a10_capacity.child_args(parent), "--child", "auto"])
     assert not from_args(a10_capacity.app_flags(child, "auto"), {})[0].engine_process
+    seam = a10_capacity.parse_args(["--child", "auto"])  # the seam mode drives the engine in its own process
+    assert a10_capacity.app_config(seam, "auto").engines_in_child and not a10_capacity.seam_config(seam, "auto").engines_in_child
 
 
 def test_a10_capacity_report_names_what_auto_resolved_to(tmp_path, monkeypatch):
@@ -455,3 +457,38 @@ def test_an_open_page_watches_a_loading_engine_until_it_settles(launched):
 
     while_loading, after = asyncio.run(watch())
     assert while_loading >= 2 and after == 1  # the tick that saw it ready was the last
+
+
+def test_a_stopped_app_is_waited_for_until_its_engine_process_has_gone(tmp_path):
+    """Review: the benches ended the app and went on while its engine process (which exits once the app's pipe
+    closes) still held the GPU, so the next measurement could plan on memory that was not free yet."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from bench.runs import _running, stop_app
+
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing as mp, signal, time
+            def engines(conn):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                try:
+                    conn.recv()
+                except EOFError:
+                    time.sleep(1.5)  # freeing the GPU takes a while
+            if __name__ == "__main__":
+                ctx = mp.get_context("spawn")
+                mine, theirs = ctx.Pipe()
+                p = ctx.Process(target=engines, args=(theirs,))
+                p.start()
+                print(p.pid, flush=True)
+                time.sleep(600)
+            """
+        )
+    )
+    app = subprocess.Popen([sys.executable, str(tmp_path / "app.py")], stdout=subprocess.PIPE, text=True)
+    child = int(app.stdout.readline())
+    stop_app(app)
+    assert app.poll() is not None and not _running(child)
