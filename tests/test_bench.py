@@ -148,7 +148,34 @@ def test_a_bench_page_runs_its_timers_as_a_browser_does(launched):
     assert [t["every"] for t in timers.values() if t["active"]] == [SETTLED_TICK_S] and ticks == 0
 
 
-def test_open_pages_cost_the_server_nothing_once_the_engines_are_ready(launched):
+def test_with_the_engines_in_this_process_a_settled_page_stops_its_timer(tmp_path, monkeypatch):
+    """--no-engine-process (and the api_server backend): nothing can bring an engine back, so once both have
+    settled an open page asks nothing more (issue 14: idle pages)."""
+    import httpx
+
+    from bench.pages import Page
+    from tests.conftest import fake_startup
+    from tests.fakes import FakeEngine
+    from ui.page import build_demo, launch_kwargs
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    st = fake_startup(FakeEngine("text"), FakeEngine("vision"), host="127.0.0.1", engine_process=False)
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+    _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), "server_port": None, "prevent_thread_lock": True})
+
+    async def one_page() -> dict:
+        async with httpx.AsyncClient(timeout=60) as http:
+            page = Page(http, url, (await http.get(url + "config")).json())
+            await page.load()
+            return page.timers
+
+    try:
+        assert not any(t["active"] for t in asyncio.run(one_page()).values())
+    finally:
+        demo.close()
+
+
+def test_open_pages_cost_the_server_little_once_the_engines_are_ready(launched):
     """An open page runs its 1 s timer only while there is news (engines starting) or the System tab is shown;
     once the engines have settled it only watches the engine process, every SETTLED_TICK_S: 100 idle pages must not
     take throughput from the people chatting (issue 14)."""

@@ -58,7 +58,8 @@ def test_the_engines_run_in_their_own_process_by_default_and_the_api_server_back
     setting has nothing to move and an api_server configuration is valid as it is."""
     assert from_env({}).engine_process and not from_env({"APP_ENGINE_PROCESS": "0"}).engine_process
     urls = {"APP_TEXT_SERVER_URL": "http://a:1", "APP_VISION_SERVER_URL": "http://b:1"}
-    assert from_env({"APP_BACKEND": "api_server", **urls}).backend == "api_server"
+    served = from_env({"APP_BACKEND": "api_server", **urls})
+    assert served.engine_process and not served.engines_in_child and from_env({}).engines_in_child
     cfg, _ = from_args(["--no-engine-process"], {})
     assert not cfg.engine_process
 
