@@ -196,8 +196,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 # lmdeploy turns tokens into text in Python, on its own thread, and keeps the interpreter for up to the switch
-# interval each time (5 ms by default): the web server's event loop then waits that long at every step it takes
-# while many replies stream. A shorter interval hands it back sooner (bench/results: first text at 32 users).
+# interval each time (5 ms by default): whatever shares its interpreter (the web server's loop with
+# --no-engine-process, the engine process's own loop and pipe otherwise; it is passed on there) then waits that long
+# at every step. A shorter interval hands it back sooner (bench/results: first text at 32 users).
 SWITCH_INTERVAL_S = 0.0005
 
 

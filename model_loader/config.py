@@ -78,7 +78,8 @@ class AppConfig:
     backend: str = setting(
         "turbomind",
         "APP_BACKEND",
-        "turbomind in this process, or an lmdeploy api_server (--server-url URL for both models, or one per model below).",
+        "turbomind (lmdeploy's pipelines, in the engine process by default), or an lmdeploy api_server (--server-url "
+        "URL for both models, or one per model below).",
         BACKENDS,
     )
     engine_process: bool = setting(

@@ -120,7 +120,7 @@ class Startup:
             if self.cfg.backend == "api_server":
                 self._connect_api_servers()
             else:
-                self._build_in_process()
+                self._build_turbomind()
         except Exception as e:  # noqa: BLE001 - a bug here must still show in the UI, not kill a thread silently
             log.exception("start-up failed")
             for s in self.slots.values():
@@ -168,7 +168,7 @@ class Startup:
     def _enabled(self):
         return [(k, s) for k, s in self.slots.items() if s.state != "disabled"]
 
-    # --- in-process engines ------------------------------------------------------------------------------------
+    # --- TurboMind engines -------------------------------------------------------------------------------------
 
     @staticmethod
     def _resolver(kind: str) -> Resolver:
@@ -193,7 +193,7 @@ class Startup:
     def _expected_spec(self, kind: str) -> planner.ModelSpec:
         return planner.expected_spec(kind, self.cfg.text_model if kind == "text" else self.cfg.vision_model)
 
-    def _build_in_process(self) -> None:
+    def _build_turbomind(self) -> None:
         done: queue.Queue = queue.Queue()
         kinds = [k for k, _ in self._enabled()]
         mem = gpu_memory()  # before anything runs: a quantization job on the GPU must not shrink the plan
