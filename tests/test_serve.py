@@ -23,6 +23,9 @@ def test_serving_hands_the_interpreter_back_to_the_web_server_quickly(monkeypatc
         def start(self):
             pass
 
+        def close(self):
+            pass
+
     class NoDemo:
         def launch(self, **kw):
             self.seen = sys.getswitchinterval()
@@ -56,6 +59,9 @@ def test_once_the_engines_are_built_a_full_collection_no_longer_walks_them(monke
             t = threading.Thread(target=built.wait, args=(10,), daemon=True)
             t.start()
             return t
+
+        def close(self):
+            pass
 
     class NoDemo:
         def launch(self, **kw):
