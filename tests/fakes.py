@@ -92,9 +92,9 @@ class FakeEngine:
         self._active.setdefault(session_id, set()).add(stop)
         t0 = time.perf_counter()
         words = self.reply_for(messages).split(" ")
+        reason = "length" if len(words) > settings.max_new_tokens else "stop"  # as lmdeploy reports a cut reply
         words = words[: settings.max_new_tokens]
         n = 0
-        reason = "stop"
         try:
             for i, w in enumerate(words):
                 if stop.is_set():

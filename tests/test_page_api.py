@@ -317,3 +317,15 @@ def test_the_api_takes_messages_whose_content_is_plain_text(launched):
     )
     assert [m["role"] for m in hist] == ["user", "assistant", "user"]
     assert text.calls[-1][1][-1]["content"] == "Hi there"
+
+
+def test_a_reply_cut_at_max_new_tokens_says_so(launched):
+    """lmdeploy ends a reply that reached max_new_tokens with finish reason "length", and the line under the chat
+    says so; the fake engine said "stop", so the note was never seen in the tests (new-user trial)."""
+    url, (text, _), _ = launched
+    text.reply_for = lambda messages: " ".join(["word"] * 50)
+    c = Client(url, verbose=False)
+    _, stats = c.predict(msg("tell me a lot"), "", 0.7, 0.8, 40, 16, 1.0, 0, api_name="/chat")
+    assert "16 tokens" in stats and "stopped at max new tokens" in stats, stats
+    _, stats = c.predict(msg("and a little"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert "50 tokens" in stats and "max new tokens" not in stats, stats
