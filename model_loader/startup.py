@@ -99,12 +99,14 @@ class Startup:
     _dead: dict = field(default_factory=dict)  # engine process that died -> whether it is started again
     _process_lock: threading.Lock = field(default_factory=threading.Lock)
     _restart_lock: threading.Lock = field(default_factory=threading.Lock)
+    _loss_handled: threading.Condition = field(init=False)  # on _restart_lock: a lost process's entry in _dead
     restarts: int = 0  # times the engine process was started again after it died
     _restart_times: list[float] = field(default_factory=list)  # when (time.monotonic)
     _closed: bool = False  # the app is exiting: no engine process is started any more
     _crashed_builds: dict[str, int] = field(default_factory=dict)  # engine -> engine processes that died building it
 
     def __post_init__(self) -> None:
+        self._loss_handled = threading.Condition(self._restart_lock)
         for kind, enabled in (("text", self.cfg.enable_text), ("vision", self.cfg.enable_vision)):
             self.slots[kind] = EngineSlot(kind) if enabled else EngineSlot(kind, "disabled", "Disabled by configuration")
 
@@ -258,6 +260,7 @@ class Startup:
                 self._restart_times.append(now)
                 recent += 1
             self._dead[process] = restart
+            self._loss_handled.notify_all()
             held = self._held.pop(process, [])
         for kind in held:
             if restart:
@@ -276,10 +279,9 @@ class Startup:
     def _restarted(self, process: EngineProcess) -> bool:
         """Wait until the loss of `process` has been handled (its reader thread may still be joining it); whether
         it is to be started again."""
-        end = time.monotonic() + 30
-        while process not in self._dead and time.monotonic() < end:
-            time.sleep(0.05)
-        return self._dead.get(process, False)
+        with self._loss_handled:
+            self._loss_handled.wait_for(lambda: process in self._dead, timeout=30)
+            return self._dead.get(process, False)
 
     def _fail_fetch(self, kind: str, e: BaseException) -> None:
         slot = self.slots[kind]

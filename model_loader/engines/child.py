@@ -114,12 +114,9 @@ class Host:
         log.info("%d objects left out of garbage collection from now on", freeze_long_lived())
         return engine.info
 
-    async def do_count_tokens(self, kind: str, messages: list[dict]) -> int:
-        return await asyncio.to_thread(self.engines[kind].count_tokens, messages)  # the loop keeps streaming
-
     async def do_count_tokens_each(self, kind: str, chats: list[list[dict]]) -> list[int]:
         count = self.engines[kind].count_tokens
-        return await asyncio.to_thread(lambda: [count(c) for c in chats])
+        return await asyncio.to_thread(lambda: [count(c) for c in chats])  # the loop keeps streaming meanwhile
 
     async def do_stop(self, kind: str, session_id: int) -> None:
         await self.engines[kind].stop(session_id)

@@ -280,7 +280,7 @@ class ProcessEngine:
             pass  # nothing runs any more
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return self.host.call("count_tokens", self.kind, _without_images(messages))
+        return self.count_tokens_each([messages])[0]
 
     def count_tokens_each(self, chats: list[list[dict]]) -> list[int]:
         """count_tokens of several conversations in one round trip (trimming counts every turn of a chat)."""
