@@ -175,7 +175,9 @@ def build_chat_tab(
             for text in EXAMPLES:  # fills the box in the page, no server round trip
                 chip = gr.Button(text, size="sm", variant="secondary", elem_classes="example-chip")
                 chip.click(None, None, msg, js=f"() => {json.dumps(text)}", api_visibility="private", queue=False)
-        with gr.Accordion(i18n("settings"), open=False, elem_id="chat-settings"):
+        # built open, so that the page loads its components; closed by the page as it puts the kept settings back
+        # (ui/page.py, RESTORE_SETTINGS)
+        with gr.Accordion(i18n("settings"), open=True, elem_id="chat-settings") as settings_panel:
             system = gr.Textbox(DEFAULT_SYSTEM, label=i18n("system_prompt"), lines=3, elem_id="chat-system")
             temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
         with gr.Accordion(i18n("export"), open=False):
@@ -382,4 +384,5 @@ def build_chat_tab(
         export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
     tab.regen, tab.settings, tab.kept_settings, tab.stats = regen, settings, kept_settings, stats
+    tab.settings_panel = settings_panel
     return tab

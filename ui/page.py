@@ -163,6 +163,28 @@ LITERAL_TEXT = r"""<script>
 </script>"""
 
 
+# The chat's settings as this browser left them (a kept value of another shape is ignored), put back once their
+# components are in the page, and their panel closed. Gradio 6.17 loads a closed panel's components only when it
+# opens, and a chat whose settings got values at load before they were in the page normalised its whole history
+# hundreds of times per streamed update: after a few turns a long reply drew 8 frames a second and Stop took 11 s
+# (new-user trial). So the panel is built open, kept out of sight by SETTINGS_HIDDEN until this has run.
+RESTORE_SETTINGS = """async (kept, ...now) => {
+  const inputs = () => document.querySelectorAll("#chat-settings [data-testid='accordion-content'] input, "
+                                                 + "#chat-settings [data-testid='accordion-content'] textarea").length;
+  const frame = () => new Promise((r) => requestAnimationFrame(r));
+  for (let i = 0, last = -1, same = 0; i < 300 && same < 3; i++) {  // until their number holds for 3 frames (5 s at most)
+    await frame();
+    const n = inputs();
+    same = n > 0 && n === last ? same + 1 : 0;
+    last = n;
+  }
+  document.documentElement.dataset.settingsRestored = "";
+  return [...(Array.isArray(kept) && kept.length === now.length ? kept : now), {__type__: "update", open: false}];
+}"""
+SETTINGS_HIDDEN = """<style>
+html:not([data-settings-restored]) #chat-settings > [data-testid="accordion-content"] {display: none !important}
+</style>"""
+
 SETTLED_TICK_S = 10.0  # with --engine-process: how often a page with settled engines still asks for their state
 CHAT_KEY = "internlm2-chat-history"  # where the browser keeps the chat (gr.BrowserState)
 
@@ -317,9 +339,8 @@ def build_demo(
 
         outputs = [header, chat.status, chat.send, image.status, image.ask, known, status_timer]
         demo.load(on_load, [known, saved], [*outputs, chat.chatbot, chat.stats], api_visibility="private", queue=False)
-        # the chat's settings as this browser left them, put back in the page (a kept value of another shape is ignored)
-        restore = "(kept, ...now) => (Array.isArray(kept) && kept.length === now.length ? kept : now)"
-        demo.load(None, [chat.kept_settings, *chat.settings], chat.settings, js=restore, api_visibility="private")
+        restored = [*chat.settings, chat.settings_panel]
+        demo.load(None, [chat.kept_settings, *chat.settings], restored, js=RESTORE_SETTINGS, api_visibility="private")
 
         def status() -> dict:
             return engine_status(slots)
@@ -368,7 +389,7 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         i18n=i18n,
         theme=build_theme(),
         css=CSS,
-        head=HEAD + ENTER_GUARD + LITERAL_TEXT + OWN_CHAT_PER_TAB,
+        head=HEAD + SETTINGS_HIDDEN + ENTER_GUARD + LITERAL_TEXT + OWN_CHAT_PER_TAB,
         show_error=True,
         app_kwargs=without_fastapi_telemetry(),
     )
