@@ -367,6 +367,38 @@ def test_a_streamed_update_costs_the_same_however_long_the_conversation(launched
     assert len(rendered) <= len(history) + 3 * turns[0]["updates"], (len(rendered), turns[0]["updates"])
 
 
+def test_gradio_walks_only_the_growing_message_of_a_long_chat_at_each_update(launched, monkeypatch):
+    """Gradio walked the whole chat twice per streamed update, copying every message as it looked for files (to
+    move them to its cache and to put its root URL in front of them): with 20 turns of history each update cost
+    more than in a new chat. The unchanged messages now go out as JSON written once, which the walks pass over."""
+    from gradio_client import utils as client_utils
+
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    text.reply_for = lambda messages: " ".join(["word"] * 120)
+    text.delay_s = 0.01
+    history = []
+    for i in range(20):
+        history += [
+            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 20}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i} " * 60}]},
+        ]
+    dicts = []  # each dict the two walks look into (and copy)
+    real = client_utils.is_file_obj_with_meta  # both walks ask it of every dict they visit
+    monkeypatch.setattr(client_utils, "is_file_obj_with_meta", lambda d: dicts.append(isinstance(d, dict)) or real(d))
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 2, 256, histories=[history]))
+    updates = sum(t["updates"] for t in turns)
+    assert turns[0]["updates"] >= 10 and not any(t["error"] for t in turns), turns
+    # the whole history a few times per turn (the chat the page sends, and the conversation saved in the browser at
+    # the turn's first and last update), then the growing message at each update: 2,369 here, 11,769 before
+    assert sum(dicts) <= 30 * len(history) * len(turns) + 10 * updates, (sum(dicts), updates)
+    # the second turn sends the chat as the page put it together from the first turn's updates
+    _, sent, _ = text.calls[-1]
+    assert [m["content"] for m in sent[0:40:20]] == ["question 0 " * 20, "question 10 " * 20]
+    assert sent[-2] == {"role": "assistant", "content": " ".join(["word"] * 120)}
+
+
 def test_a_turn_waits_on_no_worker_thread_before_its_message_shows(launched, monkeypatch):
     """Gradio preprocesses each input of an event in a worker thread, one after the other; under load each hop
     waits for the busy event loop: a turn's ten inputs took 64-84 ms at 32 users on an H100 before its message was

@@ -243,6 +243,7 @@ def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkey
     """The turn events send values they rendered themselves (postprocess=False): they must be exactly what the
     Chatbot and Markdown's own postprocess make, and an update must not render the unchanged messages again."""
     import gradio as gr
+    import orjson
 
     from ui.rendered import Rendered
 
@@ -254,7 +255,11 @@ def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkey
         {"role": "assistant", "content": ""},  # Gradio leaves an empty message out
     ]
     render = Rendered(chatbot, stats)
-    assert render.chat(history) == chatbot.postprocess(history).model_dump()
+
+    def sent(value):  # as the page receives it
+        return orjson.loads(orjson.dumps(value))
+
+    assert sent(render.chat(history)) == chatbot.postprocess(history).model_dump()
     assert render.line("  12 tokens · 3.1 s \n") == stats.postprocess("  12 tokens · 3.1 s \n")
     assert render.chat(gr.skip()) == gr.skip() and render.line(gr.skip()) == gr.skip()
 
@@ -263,8 +268,11 @@ def test_a_turn_renders_the_chat_as_gradio_does_redoing_only_what_changed(monkey
     calls = []
     real = gr.Chatbot._postprocess
     monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: calls.append(m) or real(self, m))
-    assert render.chat(grown) == expected
+    assert sent(render.chat(grown)) == expected
     assert [m["content"] for m in calls] == ["the answer so far"]
+    *earlier, last = render.chat(grown)  # Gradio's walks and diff pass over the unchanged ones, the same objects
+    assert all(isinstance(m, orjson.Fragment) for m in earlier) and isinstance(last, dict)
+    assert render.chat(grown)[:-1] == earlier
 
 
 def test_the_server_written_lines_name_the_buttons_as_the_page_labels_them():
