@@ -248,12 +248,15 @@ def test_a_long_reply_after_a_few_turns_streams_smoothly_and_stops_at_once(page,
     frames = pg.evaluate("""() => new Promise(done => { let n = 0; const t0 = performance.now();
         const f = (t) => { n++; if (t - t0 < 2000) requestAnimationFrame(f); else done(n / ((t - t0) / 1000)); };
         requestAnimationFrame(f); })""")
+    assert frames >= 15, f"the page drew {frames:.0f} frames a second while the reply streamed"
     clicked = time.monotonic()
     pg.click("#chat-stop")
-    pg.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=60_000)  # stopped, or done
+    pg.wait_for_function("document.querySelector('#chat-stats').innerText.toLowerCase().includes('stopped')")
     took = time.monotonic() - clicked
-    assert frames >= 20, f"the page drew {frames:.0f} frames a second while the reply streamed"
     assert took < 2, f"Stop took effect {took:.1f} s after the click"
+    stopped_at = bot_text(pg)
+    pg.wait_for_timeout(500)
+    assert bot_text(pg) == stopped_at and "word599" not in stopped_at
 
 
 def test_stop_ends_the_reply_and_gives_the_controls_back(page, engines):

@@ -281,3 +281,15 @@ def test_the_server_written_lines_name_the_buttons_as_the_page_labels_them():
     assert EN["regenerate"] in server_text("en", "unanswered")
     assert ZH["regenerate"] in server_text("zh", "unanswered")
     assert server_text("fr", "unanswered") == server_text("en", "unanswered")
+
+
+def test_a_message_with_a_file_is_left_for_gradio_to_find_its_file():
+    """Only text messages go out as JSON written once: Gradio must still find a file to cache it and give it a URL."""
+    import orjson
+
+    from ui.rendered import as_json
+
+    text = {"role": "user", "metadata": None, "content": [{"type": "text", "text": "hi"}], "options": None}
+    image = {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png", "meta": {"_type": "gradio.FileData"}}}]}
+    assert isinstance(as_json(text), orjson.Fragment) and orjson.loads(orjson.dumps([as_json(text)])) == [text]
+    assert as_json(image) is image

@@ -166,23 +166,28 @@ LITERAL_TEXT = r"""<script>
 # The chat's settings as this browser left them (a kept value of another shape is ignored), put back once their
 # components are in the page, and their panel closed. Gradio 6.17 loads a closed panel's components only when it
 # opens, and a chat whose settings got values at load before they were in the page normalised its whole history
-# hundreds of times per streamed update: after a few turns a long reply drew 8 frames a second and Stop took 11 s
-# (new-user trial). So the panel is built open, kept out of sight by SETTINGS_HIDDEN until this has run.
-RESTORE_SETTINGS = """async (kept, ...now) => {
-  const inputs = () => document.querySelectorAll("#chat-settings [data-testid='accordion-content'] input, "
-                                                 + "#chat-settings [data-testid='accordion-content'] textarea").length;
-  const frame = () => new Promise((r) => requestAnimationFrame(r));
-  for (let i = 0, last = -1, same = 0; i < 300 && same < 3; i++) {  // until their number holds for 3 frames (5 s at most)
-    await frame();
-    const n = inputs();
-    same = n > 0 && n === last ? same + 1 : 0;
-    last = n;
-  }
-  document.documentElement.dataset.settingsRestored = "";
-  return [...(Array.isArray(kept) && kept.length === now.length ? kept : now), {__type__: "update", open: false}];
-}"""
-SETTINGS_HIDDEN = """<style>
-html:not([data-settings-restored]) #chat-settings > [data-testid="accordion-content"] {display: none !important}
+# hundreds of times per streamed update (tests/test_browser.py says what that did to the page). So the panel is
+# built open, kept out of sight and out of reach by SETTINGS_HIDDEN until this has run.
+SETTINGS_CONTENT = "#chat-settings > [data-testid='accordion-content']"
+RESTORE_SETTINGS = f"""async (kept, ...now) => {{
+  try {{
+    const inputs = () => document.querySelectorAll("{SETTINGS_CONTENT} input, {SETTINGS_CONTENT} textarea").length;
+    const frame = () => new Promise((r) => requestAnimationFrame(r));
+    // until every setting has its input and their number holds for 3 frames; 5 s at most
+    for (let t0 = performance.now(), last = -1, same = 0; same < 3 && performance.now() - t0 < 5000; ) {{
+      await frame();
+      const n = inputs();
+      same = n >= now.length && n === last ? same + 1 : 0;
+      last = n;
+    }}
+    return [...(Array.isArray(kept) && kept.length === now.length ? kept : now), {{__type__: "update", open: false}}];
+  }} finally {{
+    document.documentElement.dataset.settingsRestored = "";
+  }}
+}}"""
+SETTINGS_HIDDEN = f"""<style>
+html:not([data-settings-restored]) {SETTINGS_CONTENT} {{display: none !important}}
+html:not([data-settings-restored]) #chat-settings > button {{pointer-events: none}}
 </style>"""
 
 SETTLED_TICK_S = 10.0  # with --engine-process: how often a page with settled engines still asks for their state

@@ -28,6 +28,15 @@ from gradio.exceptions import ComponentProcessingError
 from gradio.utils import is_prop_update
 
 
+def as_json(message: dict) -> orjson.Fragment | dict:
+    """A rendered text message as JSON written once. A message with a file stays a dict: Gradio's walks must
+    find the file, to cache it and give it its URL. (Gradio cannot copy a Fragment: its session keeps the last
+    value sent, which only a gr.DeepLinkButton would copy; the page has none.)"""
+    if all(part.get("type") == "text" for part in message.get("content") or []):
+        return orjson.Fragment(orjson.dumps(message))
+    return message
+
+
 class Rendered:
     """One turn's renderer: the chat through `chatbot.postprocess`, message by message with the results kept, and
     the stats line through `stats.postprocess`. Updates (gr.skip()) pass as they are.
@@ -39,8 +48,8 @@ class Rendered:
 
     def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown) -> None:
         self.chatbot, self.stats = chatbot, stats
-        # by position: the message, what it renders to, and that as JSON written once
-        self._messages: list[tuple[dict, list[dict], list[orjson.Fragment]]] = []
+        # by position: the message, what it renders to, and that as JSON written once (as_json)
+        self._messages: list[tuple[dict, list[dict], list[orjson.Fragment | dict]]] = []
 
     def chat(self, history: list[dict] | dict) -> list | dict:
         """The history as the page receives it (Chatbot.postprocess, model_dump), every message but the last as
@@ -52,7 +61,7 @@ class Rendered:
             kept = self._messages[i] if i < len(self._messages) else None
             if kept is None or not (kept[0] is message or kept[0] == message):
                 rendered = self.chatbot.postprocess([message]).model_dump()
-                kept = (message, rendered, [orjson.Fragment(orjson.dumps(m)) for m in rendered])
+                kept = (message, rendered, [as_json(m) for m in rendered])
                 self._messages[i:] = [kept]  # what follows a changed message is rendered again too
             out.extend(kept[1] if i == len(history) - 1 else kept[2])
         return out
