@@ -247,6 +247,19 @@ def test_a_reply_cleared_while_it_waits_in_the_queue_never_runs(one_at_a_time):
     assert [m[1][-1]["content"] for m in text.calls] == ["I hold the only slot"], "the cleared question was answered"
 
 
+@pytest.mark.parametrize("then", ["/undo", "/clear"])
+def test_undo_or_clear_after_a_step_with_no_reply_leaves_the_next_chat_alone(launched, then):
+    """New-user trial: /regenerate, then /undo or /clear, and every later /chat returned ([], '') at once. The
+    accepted step's reply never came, so the Undo/Clear was kept for it and handed to the next /chat instead."""
+    url, (text, _), _ = launched
+    c = Client(url, verbose=False)
+    answered = [*msg("q"), {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    c.predict(answered, api_name="/regenerate")  # a script that changes its mind before calling /chat
+    c.predict(*([answered] if then == "/undo" else []), api_name=then)
+    history, _ = chat(c, msg("Hi!")).result(timeout=30)
+    assert history and reply_text(history) == "You said: Hi!", history
+
+
 def test_a_call_answered_before_its_client_registers_it_still_returns(launched, monkeypatch):
     """The race behind a failed CI run of the test above: /clear completed on the client's open stream before the
     submitting thread registered it, and gradio_client 2.5.0 cancelled the call (tests/client_race.py)."""

@@ -223,7 +223,7 @@ def build_chat_tab(
 
         async def end_reply_with(history, request: gr.Request) -> None:
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
-            replies.replace(key(request), history)
+            replies.replace(key(request), history, request, TAB)
             if replies.busy(key(request)):
                 await streaming.stop_reply(slot, request, TAB)
                 await replies.wait_idle(key(request))

@@ -186,7 +186,7 @@ def build_image_tab(
             return await streaming.stop_reply(slot, request, TAB, replies)
 
         async def clear_this(request: gr.Request):
-            replies.replace(key(request), [])  # a running or waiting reply ends showing the cleared chat
+            replies.replace(key(request), [], request, TAB)  # a running or waiting reply ends showing the cleared chat
             if replies.busy(key(request)):
                 await streaming.stop_reply(slot, request, TAB)
                 await replies.wait_idle(key(request))

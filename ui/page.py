@@ -368,6 +368,7 @@ def build_demo(
     demo_ref.append(demo)
     atexit.register(scratch.close)  # the files written for sessions (and the drawn examples) go with the server
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()))
+    replies.queue = demo._queue  # Undo/Clear look there for a /chat still waiting
     keep_queue_analytics_small(demo._queue)  # ui/queue_analytics.py: Gradio 6.17's queue slowed with uptime
     return demo, i18n
 

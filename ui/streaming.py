@@ -106,6 +106,7 @@ class Replies:
         self._done: dict[str, asyncio.Event] = {}
         self._pending: set[str] = set()  # accepted, reply not started yet
         self._instead: dict[str, list[dict]] = {}
+        self.queue = None  # Gradio's queue, once the page is built (ui/page.py)
 
     def busy(self, key: str) -> bool:
         return key in self._done
@@ -139,10 +140,28 @@ class Replies:
             self._instead.pop(key, None)
             done.set()
 
-    def replace(self, key: str, history: list[dict]) -> None:
-        """The running or waiting reply is to end showing `history` instead (Clear: [], Undo: the turn removed)."""
-        if key in self._done or key in self._pending:
+    def replace(self, key: str, history: list[dict], request: gr.Request | None, concurrency_id: str) -> None:
+        """The running or waiting reply is to end showing `history` instead (Clear: [], Undo: the turn removed). A
+        step accepted with no reply streaming or waiting in the queue (a script's /regenerate, then /undo) owes
+        nothing: the next /chat is a new one, not the one that step was for (new-user trial)."""
+        session = getattr(request, "session_hash", None)
+        if key not in self._done and not self.waits_in_queue(session, concurrency_id):
+            self.forget(key)
+        elif key in self._done or key in self._pending:
             self._instead[key] = history
+
+    def waits_in_queue(self, session: str | None, concurrency_id: str) -> bool:
+        """Whether an event of this browser session waits in Gradio's queue under `concurrency_id`, not started
+        (a /chat behind the engine's limit). True while the queue is unknown: a kept Clear/Undo is the safe side."""
+        if self.queue is None:
+            return True
+        waiting = self.queue.event_queue_per_concurrency_id.get(concurrency_id)
+        return waiting is not None and any(event.session_hash == session for event in list(waiting.queue))
+
+    def forget(self, key: str) -> None:
+        """An accepted step whose reply never came (no /chat is waiting for it): nothing is owed to it."""
+        self._pending.discard(key)
+        self._instead.pop(key, None)
 
     def replaced(self, key: str) -> list[dict] | None:
         return self._instead.get(key)
