@@ -341,6 +341,19 @@ def test_a_turn_rebuilds_no_component(launched, monkeypatch):
     assert not [name for name in rebuilt if name not in page_load], (rebuilt, [t["updates"] for t in turns])
 
 
+def long_chat(text) -> list[dict]:
+    """20 turns of history (about 3,200 words), and 120-word replies from the fake text engine."""
+    text.reply_for = lambda messages: " ".join(["word"] * 120)
+    text.delay_s = 0.01
+    history = []
+    for i in range(20):
+        history += [
+            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 20}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i} " * 60}]},
+        ]
+    return history
+
+
 def test_a_streamed_update_costs_the_same_however_long_the_conversation(launched, monkeypatch):
     """Gradio's Chatbot.postprocess deep-copies every message and builds a model for it, at every streamed update:
     with 20 turns of history a turn's cost grew with each turn (issue 14's long conversations). A turn now renders
@@ -350,14 +363,7 @@ def test_a_streamed_update_costs_the_same_however_long_the_conversation(launched
     from bench.pages import users_on_pages
 
     url, (text, _), _ = launched
-    text.reply_for = lambda messages: " ".join(["word"] * 120)
-    text.delay_s = 0.01
-    history = []
-    for i in range(20):
-        history += [
-            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 20}]},
-            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i} " * 60}]},
-        ]
+    history = long_chat(text)
     rendered = []
     real = gr.Chatbot._postprocess
     monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: rendered.append(1) or real(self, m))
@@ -376,14 +382,7 @@ def test_gradio_walks_only_the_growing_message_of_a_long_chat_at_each_update(lau
     from bench.pages import users_on_pages
 
     url, (text, _), _ = launched
-    text.reply_for = lambda messages: " ".join(["word"] * 120)
-    text.delay_s = 0.01
-    history = []
-    for i in range(20):
-        history += [
-            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 20}]},
-            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i} " * 60}]},
-        ]
+    history = long_chat(text)
     dicts = []  # each dict the two walks look into (and copy)
     real = client_utils.is_file_obj_with_meta  # both walks ask it of every dict they visit
     monkeypatch.setattr(client_utils, "is_file_obj_with_meta", lambda d: dicts.append(isinstance(d, dict)) or real(d))
