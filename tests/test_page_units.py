@@ -293,3 +293,21 @@ def test_a_message_with_a_file_is_left_for_gradio_to_find_its_file():
     image = {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png", "meta": {"_type": "gradio.FileData"}}}]}
     assert isinstance(as_json(text), orjson.Fragment) and orjson.loads(orjson.dumps([as_json(text)])) == [text]
     assert as_json(image) is image
+
+
+def test_a_clear_before_a_page_turns_reply_starts_is_kept_for_it():
+    """A page turn accepts its message and streams in the same event, after counting tokens: a Clear in between
+    must still end it showing the cleared chat. Only an API step, whose reply is a later /chat that may never come,
+    is forgotten when no /chat waits for it."""
+    from types import SimpleNamespace
+
+    from ui.streaming import Replies
+
+    replies = Replies()
+    replies.queue = SimpleNamespace(event_queue_per_concurrency_id={})  # nothing waits in Gradio's queue
+    replies.accepted("chat")  # Enter: the reply comes in this event
+    replies.replace("chat", [], None, "text")
+    assert replies.replaced("chat") == []
+    replies.accepted("chat", later=True)  # /add_message: the reply is the script's /chat
+    replies.replace("chat", [], None, "text")
+    assert replies.replaced("chat") is None and not replies.active("chat")

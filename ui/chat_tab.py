@@ -192,13 +192,13 @@ def build_chat_tab(
         def accept(message, history, request: gr.Request):
             replies.check(key(request))
             out = add_user_message(message, history)
-            replies.accepted(key(request))
+            replies.accepted(key(request), later=True)  # the API's step: its reply is the script's /chat
             return out
 
-        def regenerate(history, request: gr.Request):
+        def regenerate(history, request: gr.Request, later: bool = True):
             replies.check(key(request))
             out = drop_last_reply(history)
-            replies.accepted(key(request))
+            replies.accepted(key(request), later=later)
             return out
 
         def edited(history, edit: gr.EditData, request: gr.Request):
@@ -310,7 +310,7 @@ def build_chat_tab(
         ):  # fmt: skip
             """Regenerate and the chat's Retry: answer the last question again."""
             streaming.engine_or_error(slot)
-            history = regenerate(history, request)
+            history = regenerate(history, request, later=False)
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             async for update in answer(gr.skip(), history, system_prompt, sampling, request):
                 yield update

@@ -174,7 +174,7 @@ def build_image_tab(
         def accept(question, history, image, request: gr.Request):
             replies.check(key(request))
             out = add_question(question, history, image)
-            replies.accepted(key(request))
+            replies.accepted(key(request))  # the page asks at once; a Clear before its reply starts is kept for it
             return out
 
         async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):

@@ -105,6 +105,7 @@ class Replies:
     def __init__(self) -> None:
         self._done: dict[str, asyncio.Event] = {}
         self._pending: set[str] = set()  # accepted, reply not started yet
+        self._later: set[str] = set()  # of those, the ones whose reply is a later call (/add_message, then /chat)
         self._instead: dict[str, list[dict]] = {}
         self.queue = None  # Gradio's queue, once the page is built (ui/page.py)
 
@@ -120,10 +121,12 @@ class Replies:
         if key in self._done:
             raise refuse(BUSY, "One reply at a time")
 
-    def accepted(self, key: str) -> None:
-        """A message was accepted: its reply is on the way (perhaps waiting in Gradio's queue)."""
+    def accepted(self, key: str, later: bool = False) -> None:
+        """A message was accepted: its reply is on the way, in this event, or (`later`) in a call of its own that may
+        wait in Gradio's queue or never come."""
         self._instead.pop(key, None)
         self._pending.add(key)
+        (self._later.add if later else self._later.discard)(key)
 
     @contextlib.asynccontextmanager
     async def one(self, key: str):
@@ -132,6 +135,7 @@ class Replies:
         if key not in self._pending:
             self._instead.pop(key, None)  # left over from a chat whose reply never came
         self._pending.discard(key)
+        self._later.discard(key)
         done = self._done[key] = asyncio.Event()
         try:
             yield
@@ -142,10 +146,10 @@ class Replies:
 
     def replace(self, key: str, history: list[dict], request: gr.Request | None, concurrency_id: str) -> None:
         """The running or waiting reply is to end showing `history` instead (Clear: [], Undo: the turn removed). A
-        step accepted with no reply streaming or waiting in the queue (a script's /regenerate, then /undo) owes
-        nothing: the next /chat is a new one, not the one that step was for (new-user trial)."""
+        step whose reply is a later call, with none streaming or waiting in the queue (a script's /regenerate, then
+        /undo), owes nothing: the next /chat is a new one, not the one that step was for (new-user trial)."""
         session = getattr(request, "session_hash", None)
-        if key not in self._done and not self.waits_in_queue(session, concurrency_id):
+        if key in self._later and key not in self._done and not self.waits_in_queue(session, concurrency_id):
             self.forget(key)
         elif key in self._done or key in self._pending:
             self._instead[key] = history
@@ -161,6 +165,7 @@ class Replies:
     def forget(self, key: str) -> None:
         """An accepted step whose reply never came (no /chat is waiting for it): nothing is owed to it."""
         self._pending.discard(key)
+        self._later.discard(key)
         self._instead.pop(key, None)
 
     def replaced(self, key: str) -> list[dict] | None:
