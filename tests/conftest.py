@@ -48,6 +48,12 @@ def copy_model(tmp_path):
     return _copy
 
 
+# A free port, back at once, quiet. `_frontend=False` skips only Gradio's own check that the page answers a HEAD
+# request within 3 s (one try, then it raises "localhost is not accessible"): on a loaded 2-core CI machine that
+# check failed a launch that was up (its startup request had answered); the tests' own requests follow anyway.
+TEST_LAUNCH = dict(server_port=None, prevent_thread_lock=True, quiet=True, _frontend=False)
+
+
 def fake_startup(text: FakeEngine | None = None, vision: FakeEngine | None = None, **cfg) -> Startup:
     """A Startup whose slots hold fake engines (or stay failed with a message)."""
     st = Startup(AppConfig(**cfg), {})
@@ -75,7 +81,7 @@ def launched(engines, tmp_path, monkeypatch):
     st = fake_startup(text, vision, host="127.0.0.1", port=7860, max_image_pixels=60_000_000)
     demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     kw = launch_kwargs(st.cfg, i18n)
-    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    kw.update(TEST_LAUNCH)
     _, url, _ = demo.launch(**kw)
     st.demo = demo  # for tests that look at the server's own state (its queue)
     try:

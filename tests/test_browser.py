@@ -11,7 +11,7 @@ import pytest
 
 from model_loader.engines.seam import Delta
 from tests.browser import chromium, new_page, skip_without_chromium
-from tests.conftest import fake_startup
+from tests.conftest import TEST_LAUNCH, fake_startup
 from tests.fakes import FakeEngine
 
 pytestmark = skip_without_chromium
@@ -29,7 +29,7 @@ def app(tmp_path_factory):
     st = fake_startup(text, vision, host="127.0.0.1", port=7860, max_image_pixels=60_000_000)
     demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     kw = launch_kwargs(st.cfg, i18n)
-    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    kw.update(TEST_LAUNCH)
     _, url, _ = demo.launch(**kw)
     yield url, text, vision, st
     demo.close()

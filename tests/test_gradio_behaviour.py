@@ -36,7 +36,7 @@ def _app() -> gr.Blocks:
 @pytest.fixture(scope="module")
 def tiny_app(tmp_path_factory):
     demo = _app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", _frontend=False)
     yield url
     demo.close()
 

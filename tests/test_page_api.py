@@ -216,13 +216,13 @@ def test_exports_are_written_per_session_and_bounded(launched, tmp_path):
 def one_at_a_time(engines, tmp_path, monkeypatch):
     """The page with room for one text reply at a time: everyone else waits in Gradio's queue."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from tests.conftest import fake_startup
+    from tests.conftest import TEST_LAUNCH, fake_startup
     from ui.page import build_demo, launch_kwargs
 
     st = fake_startup(*engines, host="127.0.0.1")
     demo, i18n = build_demo(st.slots, st.cfg, st.system_info, concurrency={"text": 1})
     kw = launch_kwargs(st.cfg, i18n)
-    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    kw.update(TEST_LAUNCH)
     _, url, _ = demo.launch(**kw)
     try:
         yield url, engines

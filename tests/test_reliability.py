@@ -177,14 +177,14 @@ def test_queue_is_bounded_and_follows_the_batch_size(engines):
 
 
 def test_optional_login(engines, tmp_path, monkeypatch):
-    from tests.conftest import fake_startup
+    from tests.conftest import TEST_LAUNCH, fake_startup
     from ui.page import build_demo
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     st = fake_startup(*engines, host="127.0.0.1", auth="alice:s3cret")
     demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
     kw = launch_kwargs(st.cfg, i18n)
-    kw.update(server_port=None, prevent_thread_lock=True, quiet=True)
+    kw.update(TEST_LAUNCH)
     _, url, _ = demo.launch(**kw)
     try:
         assert httpx.get(url + "config", timeout=10).status_code in (401, 403)
