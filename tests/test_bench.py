@@ -398,6 +398,45 @@ def test_gradio_walks_only_the_growing_message_of_a_long_chat_at_each_update(lau
     assert sent[-2] == {"role": "assistant", "content": " ".join(["word"] * 120)}
 
 
+def test_a_long_chats_next_turn_renders_checks_and_saves_only_what_is_new(launched, monkeypatch):
+    """Each turn of a 20-turn chat rendered every earlier message again at its first update, validated the chat a
+    second time after Gradio had, and wrote the conversation to save in the browser as plain dicts twice (which
+    Gradio's walks then copied): the page's process did about twice a new chat's work per turn, one turn after
+    another, and a long chat's first text came later (issue 14: 116 ms of the app's against 68 in the plain case,
+    H100). What the previous turn rendered is kept, the chat is validated once, and the saved conversation goes out
+    as JSON written once."""
+    import gradio as gr
+    from gradio_client import utils as client_utils
+
+    import ui.chatbot
+    from bench.pages import users_on_pages
+
+    url, (text, _), _ = launched
+    history = long_chat(text)
+    rendered, validated, dicts = [], [], []
+    real_render, real_validate = gr.Chatbot._postprocess, ui.chatbot.Messages.model_validate
+    monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: rendered.append(1) or real_render(self, m))
+    monkeypatch.setattr(ui.chatbot.Messages, "model_validate", lambda *a, **kw: validated.append(1) or real_validate(*a, **kw))
+    real_walk = client_utils.is_file_obj_with_meta
+    monkeypatch.setattr(client_utils, "is_file_obj_with_meta", lambda d: dicts.append(isinstance(d, dict)) or real_walk(d))
+
+    async def loaded():  # count the turns' work, not the page load's
+        rendered.clear(), validated.clear(), dicts.clear()
+
+    turns, _, _ = asyncio.run(users_on_pages(url, 1, 3, 256, histories=[history], ready=loaded))
+    assert len(turns) == 3 and not any(t["error"] for t in turns), turns
+    updates = sum(t["updates"] for t in turns)
+    # the history once (the first turn), then what changed: each turn's question and last answer (as the page sent
+    # it back), and the growing answer at each update (207 renders here before, for 84 updates)
+    assert len(rendered) <= len(history) + updates + 4 * len(turns), (len(rendered), updates)
+    assert len(validated) <= len(turns), len(validated)  # Gradio's own check of the chat the page sent
+    # the chat the page sends is walked once per turn as Gradio receives it; then the growing message at each update
+    # (1,810 dicts here before, for 84 updates)
+    assert sum(dicts) <= 3 * (len(history) + 4) * len(turns) + 6 * updates, (sum(dicts), updates)
+    _, sent, _ = text.calls[-1]
+    assert [m["content"] for m in sent[0:40:20]] == ["question 0 " * 20, "question 10 " * 20]
+
+
 def test_a_turn_waits_on_no_worker_thread_before_its_message_shows(launched, monkeypatch):
     """Gradio preprocesses each input of an event in a worker thread, one after the other; under load each hop
     waits for the busy event loop: a turn's ten inputs took 64-84 ms at 32 users on an H100 before its message was

@@ -311,3 +311,46 @@ def test_a_clear_before_a_page_turns_reply_starts_is_kept_for_it():
     replies.accepted("chat", later=True)  # /add_message: the reply is the script's /chat
     replies.replace("chat", [], None, "text")
     assert replies.replaced("chat") is None and not replies.active("chat")
+
+
+def test_the_saved_conversation_goes_out_as_the_json_of_the_kept_turns_cleaned():
+    """A turn saves the conversation as JSON written once (Gradio's walks pass over it): the same kept turns as
+    fit_for_browser, each message as orjson writes it, cleaned where clean() would change it."""
+    import orjson
+
+    from ui.chat_tab import saved_json
+
+    hist = []
+    for i in range(10):
+        hist += [{"role": "user", "content": f"q{i} " + "x" * 100}, {"role": "assistant", "content": f"a{i} " + "y" * 100}]
+    frags, dropped = saved_json(hist, budget=1000)
+    assert (orjson.loads(orjson.dumps(frags)), dropped) == fit_for_browser(hist, budget=1000)
+    odd = [{"role": "user", "content": [{"type": "text", "text": "x\ud800 nul\x00 é"}]}]
+    assert orjson.loads(orjson.dumps(saved_json(odd)[0])) == [
+        {"role": "user", "content": [{"type": "text", "text": "x\ufffd nul é"}]}
+    ]
+
+
+def test_rendered_text_messages_are_kept_for_the_next_turn_within_a_budget(monkeypatch):
+    """What a turn rendered is kept by the message's JSON for the chat's next turn, the least recently used dropped
+    past the budget; a message with a file is rendered each time (its file is Gradio's to cache)."""
+    import gradio as gr
+
+    from ui import rendered as r
+
+    monkeypatch.setattr(r, "_memos", __import__("weakref").WeakKeyDictionary())
+    chatbot, stats = gr.Chatbot(render=False), gr.Markdown(render=False)
+    calls = []
+    real = gr.Chatbot._postprocess
+    monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: calls.append(1) or real(self, m))
+    history = [{"role": "user", "content": f"question {i}"} for i in range(5)] + [{"role": "assistant", "content": ""}]
+    r.Rendered(chatbot, stats).chat(history)
+    assert len(calls) == 6
+    again = [dict(m) for m in history]  # the next turn: equal messages, new objects
+    assert r.Rendered(chatbot, stats).chat(again) == r.Rendered(chatbot, stats).chat(history)
+    assert len(calls) == 6 + 2  # the last message is never kept (the growing answer is new at every update)
+    assert r.memo_key({"role": "user", "content": [{"type": "file", "file": {"path": "a.png"}}]}) is None
+    memo = r._Memo(budget=100)
+    for i in range(10):
+        memo.put(f"{i:020d}".encode(), ([], []))
+    assert memo.size <= 100 and memo.get(b"0" * 20) is None and memo.get(f"{9:020d}".encode()) is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import gradio as gr
+import orjson
 
 from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
@@ -115,17 +116,40 @@ def unedited(history: list[dict], edit: gr.EditData) -> list[dict]:
     return history
 
 
-def fit_for_browser(history: list[dict], budget: int | None = None) -> tuple[list[dict], int]:
-    """The newest whole turns whose JSON fits `budget` bytes (SAVE_BUDGET_BYTES), and how many were left out."""
+def message_json(message: dict) -> bytes:
+    """A message as the browser keeps it (orjson, Gradio's encoder); cleaned first if it has what clean() removes
+    (a lone surrogate, which orjson refuses, or a NUL)."""
+    try:
+        out = orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        out = b"\\u0000"
+    return orjson.dumps(clean_history([message])[0]) if b"\\u0000" in out else out
+
+
+def _first_kept(sizes: list[int], history: list[dict], budget: int | None) -> int:
     budget = SAVE_BUDGET_BYTES if budget is None else budget
-    sizes = [len(json.dumps(m, ensure_ascii=False).encode()) + 1 for m in history]
     total, start = 2, len(history)
     while start > 0 and total + sizes[start - 1] <= budget:
         start -= 1
         total += sizes[start]
     while start < len(history) and history[start].get("role") != "user":
         start += 1  # begin at a question, not half-way through a turn
+    return start
+
+
+def fit_for_browser(history: list[dict], budget: int | None = None) -> tuple[list[dict], int]:
+    """The newest whole turns whose JSON fits `budget` bytes (SAVE_BUDGET_BYTES), and how many were left out."""
+    start = _first_kept([len(message_json(m)) + 1 for m in history], history, budget)
     return history[start:], start
+
+
+def saved_json(history: list[dict], budget: int | None = None) -> tuple[list[orjson.Fragment], int]:
+    """fit_for_browser's kept turns as JSON written once, for a streamed turn's output: Gradio's walks pass over it
+    and sends the same JSON (ui/rendered.py). Each message is encoded once, in C: the conversation is saved as a
+    turn starts and as it ends."""
+    jsons = [message_json(m) for m in history]
+    start = _first_kept([len(b) + 1 for b in jsons], history, budget)
+    return [orjson.Fragment(b) for b in jsons[start:]], start
 
 
 def save_note(dropped: int) -> str:
@@ -238,7 +262,7 @@ def build_chat_tab(
             return [], "", []
 
         def save(history, stats_line):
-            kept, dropped = fit_for_browser(clean_history(history))
+            kept, dropped = saved_json(history)
             return kept, (stats_line + "\n\n" + save_note(dropped)) if dropped else stats_line
 
         def export(history, fmt, request):

@@ -15,17 +15,76 @@ Gradio then still walked the whole chat twice per update, copying each message a
 them to its cache, and to put its root URL in front of their addresses), so an update of a 20-turn chat cost more
 than one of a new chat. Every message but the last goes out as JSON written once (`orjson.Fragment`): those walks
 pass over it, Gradio's diff finds it unchanged (the same object), and the page receives the same JSON.
+
+A turn is sent the whole chat, which the chat's previous turn rendered already: each turn of a 20-turn chat
+rendered all of it again at its first update, and validated it again after Gradio had. Rendered text messages are
+kept by their JSON for the next turn (`_Memo`), and the chat Gradio validated passes as it is (`preprocessed`).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 import gradio as gr
 import orjson
 from gradio.exceptions import ComponentProcessingError
 from gradio.utils import is_prop_update
+
+MEMO_BYTES = 32 * 2**20  # the JSON of the rendered text messages kept for the next turns, per chat component
+
+
+class _Memo:
+    """Text messages rendered lately, by their JSON, the least recently used dropped past `budget` bytes."""
+
+    def __init__(self, budget: int = MEMO_BYTES) -> None:
+        self.budget, self.size = budget, 0
+        self._items: OrderedDict[bytes, tuple[list[dict], list]] = OrderedDict()
+
+    def get(self, key: bytes) -> tuple[list[dict], list] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: bytes, item: tuple[list[dict], list]) -> None:
+        if key in self._items:
+            return
+        self._items[key] = item
+        self.size += 2 * len(key)  # the key, and about as much again rendered
+        while self.size > self.budget and self._items:
+            old, _ = self._items.popitem(last=False)
+            self.size -= 2 * len(old)
+
+
+_memos: weakref.WeakKeyDictionary[gr.Chatbot, _Memo] = weakref.WeakKeyDictionary()
+
+
+def memo_key(message: dict) -> bytes | None:
+    """A text message's JSON (what its rendering depends on); None for a message with anything else in it."""
+    content = message.get("content")
+    if not (isinstance(content, str) or (isinstance(content, list) and all(_is_text(p) for p in content))):
+        return None
+    try:
+        return orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        return None
+
+
+def _is_text(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text"
+
+
+def _text_and_files(chat) -> bool:
+    """A chat as Gradio dumps it whose message parts are all text or files (no component messages)."""
+    return isinstance(chat, list) and all(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
+        and all(isinstance(p, dict) and p.get("type") in ("text", "file") for p in m["content"])
+        for m in chat
+    )
 
 
 def as_json(message: dict) -> orjson.Fragment | dict:
@@ -48,6 +107,7 @@ class Rendered:
 
     def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown) -> None:
         self.chatbot, self.stats = chatbot, stats
+        self._memo = _memos.setdefault(chatbot, _Memo())
         # by position: the message, what it renders to, and that as JSON written once (as_json)
         self._messages: list[tuple[dict, list[dict], list[orjson.Fragment | dict]]] = []
 
@@ -60,11 +120,22 @@ class Rendered:
         for i, message in enumerate(history):
             kept = self._messages[i] if i < len(self._messages) else None
             if kept is None or not (kept[0] is message or kept[0] == message):
-                rendered = self.chatbot.postprocess([message]).model_dump()
-                kept = (message, rendered, [as_json(m) for m in rendered])
-                self._messages[i:] = [kept]  # what follows a changed message is rendered again too
+                kept = (message, *self._render(message, keep=i < len(history) - 1))
+                self._messages[i:] = [kept]  # what follows a changed message is looked at again too
             out.extend(kept[1] if i == len(history) - 1 else kept[2])
         return out
+
+    def _render(self, message: dict, keep: bool) -> tuple[list[dict], list]:
+        """The message rendered, and as JSON written once: from an earlier turn when it is text rendered before;
+        kept for the next turns if `keep` (not the growing answer, which is new at every update)."""
+        key = memo_key(message)
+        item = self._memo.get(key) if key is not None else None
+        if item is None:
+            rendered = self.chatbot.postprocess([message]).model_dump()
+            item = (rendered, [as_json(m) for m in rendered])
+            if key is not None and keep:
+                self._memo.put(key, item)
+        return item
 
     def line(self, text: str | dict) -> str | dict:
         """The stats line as the page receives it (Markdown.postprocess)."""
@@ -76,11 +147,18 @@ def preprocessed(components: list[gr.components.Component], values: tuple) -> li
     data model, when it has one, then through its `preprocess`; a refusal (gr.Error, e.g. a slider below its
     minimum) as it is, anything else as Gradio's own ComponentProcessingError. States pass as they are (Gradio
     gives a State's value from the session either way). These are the page's components, not a session's copies:
-    no event sends these inputs new properties."""
+    no event sends these inputs new properties.
+
+    `values` are what Gradio's preprocess_data hands over with preprocess off: each validated already and dumped
+    back to plain data. For a chat of text and files, that is what Chatbot.preprocess makes (each message's
+    model_dump), so it passes as it is, in a list of its own."""
     out = []
     for i, (comp, value) in enumerate(zip(components, values)):
         if comp.stateful:
             out.append(value)
+            continue
+        if isinstance(comp, gr.Chatbot) and _text_and_files(value):
+            out.append(list(value))
             continue
         model = getattr(comp, "data_model", None)
         try:
