@@ -86,6 +86,22 @@ def test_trimming_60_turns_counts_each_turn_once():
     assert sum(eng.counted) <= 6 * len(msgs), f"{sum(eng.counted)} messages tokenized for {len(msgs)}"
 
 
+def test_a_long_chat_that_fits_is_counted_once_as_a_whole():
+    """A chat longer in bytes than the window in tokens was trimmed at every turn even when it fit: every turn
+    counted with the question, then the kept chat, about 2.5 times the chat's tokens through the tokenizer in the
+    engine process per turn, for 16 users at once (issue 14's long conversations). The whole chat is counted first
+    when it may fit; turns are counted one by one only when it does not."""
+    eng = CountingEngine()
+    msgs = conversation_of(20)  # about 2,300 tokens, 4.6 KB
+    assert conversation.token_upper_bound(msgs) > 4096 - 64
+    kept, note = asyncio.run(fit(eng, msgs, 4096))
+    assert kept == msgs and note == ""
+    assert eng.counted == [len(msgs)], eng.counted
+    eng.counted.clear()
+    asyncio.run(fit(eng, conversation_of(20), 800))  # far over: trimmed without counting the whole first
+    assert len(msgs) not in eng.counted, eng.counted
+
+
 def test_trimming_leaves_the_event_loop_free():
     eng = CountingEngine(sleep_s=0.01)
     msgs = conversation_of(60)

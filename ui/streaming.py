@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 UI_INTERVAL_S = 0.05
 BUSY_STREAMS_PER_STEP = 8
 MAX_UI_INTERVAL_S = 0.25
+# a chat of more UTF-8 bytes than this per token of the window is trimmed at once; under it, it may fit and is
+# counted whole first (trimming counts every turn with the question, then the kept chat: 2-3 times the tokens)
+LIKELY_BYTES_PER_TOKEN = 5  # a margin over English text, which large BPE vocabularies encode at about 4 bytes a token
 MIN_MAX_NEW_TOKENS = 16  # the Max new tokens slider's minimum and step
 STOPPED = "⏹ Stopped: the reply above is as far as it got."
 NOTHING_TO_STOP = "Nothing is being written in this chat right now."
@@ -329,9 +332,13 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     Tokenizing runs in a worker thread: a long conversation must not hold up every other stream.
     """
     budget = max(64, session_len - max_new)
-    if token_upper_bound(messages) <= budget:
+    bound = token_upper_bound(messages)
+    if bound <= budget:
         return messages, ""  # fits for sure: no tokenizer work at all
-    kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, count_each(engine), budget)
+    count = count_each(engine)
+    if bound <= LIKELY_BYTES_PER_TOKEN * budget and (await asyncio.to_thread(count, [messages]))[0] <= budget:
+        return messages, ""  # fits: counted once, as a whole
+    kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, count, budget)
     if tokens > budget:
         with_system = " with the system prompt" if kept[0]["role"] == "system" else ""
         room = session_len - tokens  # what a reply could keep if the message stays as it is
