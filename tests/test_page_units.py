@@ -211,9 +211,13 @@ def test_a_turn_s_inputs_are_what_gradio_s_preprocess_makes(tmp_path, monkeypatc
     demo, _ = build_demo(st.slots, st.cfg, st.system_info)
     turn = demo.fns[enter_event(demo.get_config_file())]
     assert turn.preprocess is False
+    picture = tmp_path / "picture.png"  # in Gradio's upload folder (GRADIO_TEMP_DIR), as an uploaded file is
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n")
     history = [
         {"role": "user", "content": [{"type": "text", "text": "\u2060  indented"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "**bold**"}], "metadata": {"title": "t"}, "options": []},
+        {"role": "user", "content": [{"type": "file", "file": {"path": str(picture), "meta": {"_type": "gradio.FileData"}}}]},
+        {"role": "assistant", "content": []},
     ]
     cases = {
         "plain": ["msg", history, "sys", 0.7, 0.9, 40, 256, 1.05, 3.0, 0],
@@ -235,6 +239,7 @@ def test_a_turn_s_inputs_are_what_gradio_s_preprocess_makes(tmp_path, monkeypatc
     for name, payload in cases.items():
         gradio_made, ours = asyncio.run(inputs(True, payload)), asyncio.run(inputs(False, payload))
         assert ours == gradio_made, name
+    assert asyncio.run(inputs(False, cases["plain"]))[1][1][2]["content"][0]["file"]["path"] == str(picture)
     assert asyncio.run(inputs(False, cases["below the minimum"]))[:2] == ("refused", "Error")
     assert isinstance(asyncio.run(inputs(False, cases["seed with a fraction"]))[1][8], int)
 
@@ -314,8 +319,8 @@ def test_a_clear_before_a_page_turns_reply_starts_is_kept_for_it():
 
 
 def test_the_saved_conversation_goes_out_as_the_json_of_the_kept_turns_cleaned():
-    """A turn saves the conversation as JSON written once (Gradio's walks pass over it): the same kept turns as
-    fit_for_browser, each message as orjson writes it, cleaned where clean() would change it."""
+    """A turn saves the conversation as JSON written once (Gradio's walks pass over it): the newest whole turns
+    whose JSON fits the budget, each message as orjson writes it, cleaned where clean() would change it."""
     import orjson
 
     from ui.chat_tab import saved_json
@@ -324,33 +329,56 @@ def test_the_saved_conversation_goes_out_as_the_json_of_the_kept_turns_cleaned()
     for i in range(10):
         hist += [{"role": "user", "content": f"q{i} " + "x" * 100}, {"role": "assistant", "content": f"a{i} " + "y" * 100}]
     frags, dropped = saved_json(hist, budget=1000)
-    assert (orjson.loads(orjson.dumps(frags)), dropped) == fit_for_browser(hist, budget=1000)
-    odd = [{"role": "user", "content": [{"type": "text", "text": "x\ud800 nul\x00 é"}]}]
-    assert orjson.loads(orjson.dumps(saved_json(odd)[0])) == [
-        {"role": "user", "content": [{"type": "text", "text": "x\ufffd nul é"}]}
-    ]
+    kept = orjson.loads(orjson.dumps(frags))
+    assert kept == hist[dropped:] and kept[0]["role"] == "user" and 0 < len(kept) < len(hist)
+    assert len(orjson.dumps(kept)) <= 1000 < len(orjson.dumps(hist[dropped - 2 :]))  # one more turn would not fit
+    for odd, cleaned in [("x\ud800 nul\x00 é", "x\ufffd nul é"), ("nul\x00 only", "nul only"), ("ok é", "ok é")]:
+        saved = saved_json([{"role": "user", "content": [{"type": "text", "text": odd}]}])[0]
+        assert orjson.loads(orjson.dumps(saved)) == [{"role": "user", "content": [{"type": "text", "text": cleaned}]}]
 
 
 def test_rendered_text_messages_are_kept_for_the_next_turn_within_a_budget(monkeypatch):
     """What a turn rendered is kept by the message's JSON for the chat's next turn, the least recently used dropped
-    past the budget; a message with a file is rendered each time (its file is Gradio's to cache)."""
+    past the budget, which counts what the kept renders take in memory; a message with a file is rendered each
+    time (its file is Gradio's to cache)."""
+    import gc
+    import tracemalloc
+
     import gradio as gr
+    import orjson
 
     from ui import rendered as r
 
-    monkeypatch.setattr(r, "_memos", __import__("weakref").WeakKeyDictionary())
     chatbot, stats = gr.Chatbot(render=False), gr.Markdown(render=False)
     calls = []
     real = gr.Chatbot._postprocess
     monkeypatch.setattr(gr.Chatbot, "_postprocess", lambda self, m: calls.append(1) or real(self, m))
+    memo = r.RenderMemo()
     history = [{"role": "user", "content": f"question {i}"} for i in range(5)] + [{"role": "assistant", "content": ""}]
-    r.Rendered(chatbot, stats).chat(history)
+    r.Rendered(chatbot, stats, memo).chat(history)
     assert len(calls) == 6
     again = [dict(m) for m in history]  # the next turn: equal messages, new objects
-    assert r.Rendered(chatbot, stats).chat(again) == r.Rendered(chatbot, stats).chat(history)
-    assert len(calls) == 6 + 2  # the last message is never kept (the growing answer is new at every update)
+    sent = lambda value: orjson.loads(orjson.dumps(value))  # noqa: E731 - as the page receives it
+    assert sent(r.Rendered(chatbot, stats, memo).chat(again)) == sent(r.Rendered(chatbot, stats).chat(history))
+    assert len(calls) == 6 + 1 + 6  # the last message is never kept (the growing answer is new at every update)
     assert r.memo_key({"role": "user", "content": [{"type": "file", "file": {"path": "a.png"}}]}) is None
-    memo = r._Memo(budget=100)
-    for i in range(10):
-        memo.put(f"{i:020d}".encode(), ([], []))
-    assert memo.size <= 100 and memo.get(b"0" * 20) is None and memo.get(f"{9:020d}".encode()) is not None
+
+    small = r.RenderMemo(budget=3 * (16 + 2 * 40 + r.MEMO_ENTRY_BYTES))  # room for three short messages
+    for i in range(4):
+        small.put(bytes([i]) * 16, [], [], 40)
+        small.get(bytes([0]) * 16)  # the first stays in use
+    assert small.get(bytes([0]) * 16) is not None and small.get(bytes([1]) * 16) is None, "not least recently used"
+
+    memo = r.RenderMemo()
+    words = " ".join(["word"] * 60)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for turn in range(200):  # 2,000 kept messages, rendered turn by turn, each turn's renderer dropped after
+            chat = [{"role": "user", "content": f"turn {turn} message {i} {words}"} for i in range(10)]
+            r.Rendered(chatbot, stats, memo).chat(chat + [{"role": "assistant", "content": ""}])
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert memo.size <= memo.budget and held <= 1.5 * memo.size, (held, memo.size)

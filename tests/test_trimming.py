@@ -100,6 +100,11 @@ def test_a_long_chat_that_fits_is_counted_once_as_a_whole():
     eng.counted.clear()
     asyncio.run(fit(eng, conversation_of(20), 800))  # far over: trimmed without counting the whole first
     assert len(msgs) not in eng.counted, eng.counted
+    eng.counted.clear()
+    alone = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "w " * 4500}]
+    with pytest.raises(gr.Error, match="too long"):
+        asyncio.run(fit(eng, alone, 4096))  # nothing to trim: counted once, then refused
+    assert eng.counted == [2], eng.counted
 
 
 def test_trimming_leaves_the_event_loop_free():

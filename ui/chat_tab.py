@@ -19,7 +19,7 @@ from ui import streaming
 from ui.chatbot import lenient_chatbot
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
-from ui.rendered import rendered_turn
+from ui.rendered import RenderMemo, json_bytes, rendered_turn
 from ui.user_text import clean, clean_history, shown, typed, typed_history
 
 DEFAULT_SYSTEM = (
@@ -117,13 +117,15 @@ def unedited(history: list[dict], edit: gr.EditData) -> list[dict]:
 
 
 def message_json(message: dict) -> bytes:
-    """A message as the browser keeps it (orjson, Gradio's encoder); cleaned first if it has what clean() removes
-    (a lone surrogate, which orjson refuses, or a NUL)."""
+    """A message as the browser keeps it (orjson, Gradio's encoder), cleaned first where clean() would change it:
+    a lone surrogate (which orjson refuses) or a NUL."""
     try:
-        out = orjson.dumps(message)
+        out = json_bytes(message)
     except orjson.JSONEncodeError:
-        out = b"\\u0000"
-    return orjson.dumps(clean_history([message])[0]) if b"\\u0000" in out else out
+        out = None
+    if out is None or b"\\u0000" in out:
+        out = json_bytes(clean_history([message])[0])
+    return out
 
 
 def _first_kept(sizes: list[int], history: list[dict], budget: int | None) -> int:
@@ -355,6 +357,8 @@ def build_chat_tab(
             async for update in answer(gr.skip(), history, system_prompt, sampling, request):
                 yield update
 
+        memo = RenderMemo()  # every turn's renders, for the chat's next turns
+
         def turn(triggers, fn, inputs):
             """One server event per turn, never held in Gradio's queue (a turn that waited there would repaint the
             history it joined with over a Clear or Undo made meanwhile): the engine's own queue does the waiting, and
@@ -365,7 +369,7 @@ def build_chat_tab(
             inputs = [*inputs, sent]
             ev = gr.on(
                 triggers,
-                rendered_turn(page_turn, inputs, chatbot, stats),  # converts in line, unchanged messages once
+                rendered_turn(page_turn, inputs, chatbot, stats, memo),  # converts in line, unchanged messages once
                 inputs,
                 [sent, chatbot, stats, saved],
                 preprocess=False,

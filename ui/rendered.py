@@ -24,7 +24,7 @@ kept by their JSON for the next turn (`_Memo`), and the chat Gradio validated pa
 from __future__ import annotations
 
 import functools
-import weakref
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -33,44 +33,56 @@ import orjson
 from gradio.exceptions import ComponentProcessingError
 from gradio.utils import is_prop_update
 
-MEMO_BYTES = 32 * 2**20  # the JSON of the rendered text messages kept for the next turns, per chat component
+MEMO_BYTES = 32 * 2**20  # what the kept renders of a chat component may take (RenderMemo.size)
+MEMO_ENTRY_BYTES = 600  # a kept message's dicts and string objects, besides its text
 
 
-class _Memo:
-    """Text messages rendered lately, by their JSON, the least recently used dropped past `budget` bytes."""
+def json_bytes(value) -> bytes:
+    """orjson's JSON of `value` in a bytes object of its own size: orjson returns it in a buffer of at least 4 KB,
+    which a kept result would hold on to (a Fragment in a session's last value, a kept render)."""
+    return bytes(memoryview(orjson.dumps(value)))
+
+
+class RenderMemo:
+    """Text messages rendered lately, by a digest of their JSON, the least recently used dropped past `budget`
+    bytes: a turn is sent the whole chat, which the chat's previous turn rendered already. One per chat component,
+    shared by every session (a message's rendering depends on it and the message alone); what it keeps of a chat
+    outlives a Clear until newer messages push it out."""
 
     def __init__(self, budget: int = MEMO_BYTES) -> None:
         self.budget, self.size = budget, 0
-        self._items: OrderedDict[bytes, tuple[list[dict], list]] = OrderedDict()
+        self._items: OrderedDict[bytes, tuple[list[dict], list, int]] = OrderedDict()
 
     def get(self, key: bytes) -> tuple[list[dict], list] | None:
         item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0], item[1]
 
-    def put(self, key: bytes, item: tuple[list[dict], list]) -> None:
+    def put(self, key: bytes, rendered: list[dict], fragments: list, json_size: int) -> None:
+        """Keep a message's render; `json_size` is the length of its JSON, which the render holds about twice (as
+        text, and written once)."""
         if key in self._items:
             return
-        self._items[key] = item
-        self.size += 2 * len(key)  # the key, and about as much again rendered
+        size = len(key) + 2 * json_size + MEMO_ENTRY_BYTES
+        self._items[key] = (rendered, fragments, size)
+        self.size += size
         while self.size > self.budget and self._items:
-            old, _ = self._items.popitem(last=False)
-            self.size -= 2 * len(old)
+            self.size -= self._items.popitem(last=False)[1][2]
 
 
-_memos: weakref.WeakKeyDictionary[gr.Chatbot, _Memo] = weakref.WeakKeyDictionary()
-
-
-def memo_key(message: dict) -> bytes | None:
-    """A text message's JSON (what its rendering depends on); None for a message with anything else in it."""
+def memo_key(message: dict) -> tuple[bytes, int] | None:
+    """A digest of a text message's JSON (what its rendering depends on) and the JSON's length; None for a message
+    with anything else in it."""
     content = message.get("content")
     if not (isinstance(content, str) or (isinstance(content, list) and all(_is_text(p) for p in content))):
         return None
     try:
-        return orjson.dumps(message)
+        data = orjson.dumps(message)
     except orjson.JSONEncodeError:
         return None
+    return hashlib.blake2b(data, digest_size=16).digest(), len(data)
 
 
 def _is_text(part) -> bool:
@@ -92,7 +104,7 @@ def as_json(message: dict) -> orjson.Fragment | dict:
     find the file, to cache it and give it its URL. (Gradio cannot copy a Fragment: its session keeps the last
     value sent, which only a gr.DeepLinkButton would copy; the page has none.)"""
     if all(part.get("type") == "text" for part in message.get("content") or []):
-        return orjson.Fragment(orjson.dumps(message))
+        return orjson.Fragment(json_bytes(message))
     return message
 
 
@@ -105,9 +117,9 @@ class Rendered:
     unequal; the stream replaces the growing answer with a new dict at each update (ui.streaming.stream_into).
     """
 
-    def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown) -> None:
+    def __init__(self, chatbot: gr.Chatbot, stats: gr.Markdown, memo: RenderMemo | None = None) -> None:
         self.chatbot, self.stats = chatbot, stats
-        self._memo = _memos.setdefault(chatbot, _Memo())
+        self._memo = memo if memo is not None else RenderMemo()
         # by position: the message, what it renders to, and that as JSON written once (as_json)
         self._messages: list[tuple[dict, list[dict], list[orjson.Fragment | dict]]] = []
 
@@ -129,12 +141,12 @@ class Rendered:
         """The message rendered, and as JSON written once: from an earlier turn when it is text rendered before;
         kept for the next turns if `keep` (not the growing answer, which is new at every update)."""
         key = memo_key(message)
-        item = self._memo.get(key) if key is not None else None
+        item = self._memo.get(key[0]) if key is not None else None
         if item is None:
             rendered = self.chatbot.postprocess([message]).model_dump()
             item = (rendered, [as_json(m) for m in rendered])
             if key is not None and keep:
-                self._memo.put(key, item)
+                self._memo.put(key[0], *item, key[1])
         return item
 
     def line(self, text: str | dict) -> str | dict:
@@ -151,7 +163,8 @@ def preprocessed(components: list[gr.components.Component], values: tuple) -> li
 
     `values` are what Gradio's preprocess_data hands over with preprocess off: each validated already and dumped
     back to plain data. For a chat of text and files, that is what Chatbot.preprocess makes (each message's
-    model_dump), so it passes as it is, in a list of its own."""
+    model_dump), so it passes as it is, in a list of its own. Its messages are the dicts Gradio keeps as the
+    session's last value of the chat: a turn must copy a message to change it (clean_history does)."""
     out = []
     for i, (comp, value) in enumerate(zip(components, values)):
         if comp.stateful:
@@ -172,15 +185,18 @@ def preprocessed(components: list[gr.components.Component], values: tuple) -> li
     return out
 
 
-def rendered_turn(turn: Callable, inputs: list, chatbot: gr.Chatbot, stats: gr.Markdown) -> Callable:
+def rendered_turn(
+    turn: Callable, inputs: list, chatbot: gr.Chatbot, stats: gr.Markdown, memo: RenderMemo | None = None
+) -> Callable:
     """A page turn taking `inputs` and yielding (sent, history, stats line, saved): its inputs preprocessed and its
-    history and line rendered in line; register it with `preprocess=False, postprocess=False`. State and
-    BrowserState values need no rendering. Gradio's own arguments (gr.Request, gr.EditData) pass as they are."""
+    history and line rendered in line, with the renders `memo` kept from earlier turns; register it with
+    `preprocess=False, postprocess=False`. State and BrowserState values need no rendering. Gradio's own arguments
+    (gr.Request, gr.EditData) pass as they are."""
 
     @functools.wraps(turn)  # Gradio reads the signature (gr.Request, gr.EditData) through the wrapper
     async def page_turn(*args, **kwargs):
         args = (*preprocessed(inputs, args[: len(inputs)]), *args[len(inputs) :])
-        render = Rendered(chatbot, stats)
+        render = Rendered(chatbot, stats, memo)
         async for sent, history, line, saved in turn(*args, **kwargs):
             yield sent, render.chat(history), render.line(line), saved
 

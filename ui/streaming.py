@@ -336,7 +336,8 @@ async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: in
     if bound <= budget:
         return messages, ""  # fits for sure: no tokenizer work at all
     count = count_each(engine)
-    if bound <= LIKELY_BYTES_PER_TOKEN * budget and (await asyncio.to_thread(count, [messages]))[0] <= budget:
+    earlier = any(m["role"] != "system" for m in messages[:-1])  # else trimming counts the chat once anyway
+    if earlier and bound <= LIKELY_BYTES_PER_TOKEN * budget and (await asyncio.to_thread(count, [messages]))[0] <= budget:
         return messages, ""  # fits: counted once, as a whole
     kept, dropped, tokens = await asyncio.to_thread(trim_to_fit, messages, count, budget)
     if tokens > budget:
