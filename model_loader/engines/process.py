@@ -82,13 +82,16 @@ class EngineProcess:
         self._sinks: dict[int, _Sink] = {}
         self.gone: str = ""  # why the child is gone, once it is
         self._closing = False
+        self._conn_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self.on_exit: list[Callable[[str], None]] = []
 
     def start(self) -> None:
         """Start the child and wait until it reads requests."""
         self.proc.start()
         self._child_end.close()  # the child holds it now: its exit closes the pipe
-        threading.Thread(target=self._read, name="engine-replies", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="engine-replies", daemon=True)
+        self._reader.start()
         try:
             pid = self._calls[0].result(timeout=START_TIMEOUT_S)
         except Exception as e:
@@ -203,7 +206,14 @@ class EngineProcess:
         for fut in calls:
             _settle(fut, error=EngineProcessGone(why))
         self._deliver([(rid, Stats(0, 0, 0.0, 0.0, "error", why)) for rid in rids])
-        self.conn.close()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        """Close this end of the pipe once, whichever thread comes first: closing it twice closed whatever file had
+        taken its number meanwhile, or raised `OSError: Bad file descriptor` at Ctrl+C."""
+        with self._conn_lock:
+            if not self.conn.closed:
+                self.conn.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the child to close its engines and exit; end it if it does not. Calls and replies in flight end."""
@@ -218,7 +228,10 @@ class EngineProcess:
             if self.proc.is_alive():
                 end()
                 self.proc.join(timeout_s)
-        self.conn.close()  # the reader thread ends, and with it every call and reply in flight
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout_s)  # it reads the end of the pipe, ends every call and reply in flight, and closes it
+        self._close_pipe()
 
 
 def _put_all(batch: list) -> None:
