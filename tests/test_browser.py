@@ -421,7 +421,8 @@ def test_the_chat_settings_are_kept_across_a_reload_and_used(page, engines):
 
 def test_copy_and_edit_give_a_message_as_it_was_typed(page, engines):
     """The chat holds a user's message escaped so that it shows literally; Copy and the Edit box must give it back
-    as typed (new-user trial: the clipboard got `\\*\\*b\\*\\*`, `&nbsp;` and an invisible U+2060)."""
+    as typed (new-user trial: the clipboard got `\\*\\*b\\*\\*`, `&nbsp;` and an invisible U+2060), in "Copy
+    conversation" too."""
     pg, (text, _) = page, engines
     pg.add_init_script("""(() => { window.__copied = [];
         Object.defineProperty(navigator, 'clipboard', {configurable: true, value: {
@@ -442,6 +443,11 @@ def test_copy_and_edit_give_a_message_as_it_was_typed(page, engines):
     pg.locator("#chatbot button[aria-label='Copy message']").first.click()
     pg.wait_for_function("window.__copied.length > 0")
     assert pg.evaluate("window.__copied[0]") == typed
+    # "Copy conversation" too, whose text joins every message (a new-user trial got `a\\_b` from it)
+    reply = text.reply_for(text.calls[-1][1])  # the answer as the chat holds it (Markdown)
+    pg.locator("#chatbot button[aria-label='Copy conversation']").click()
+    pg.wait_for_function("window.__copied.length > 1")
+    assert pg.evaluate("window.__copied[1]") == f"user: {typed}\n\nassistant: {reply}"
     pg.locator("#chatbot .message-row").nth(0).hover()
     pg.locator("#chatbot button[aria-label='Edit']").first.click()
     box = pg.locator("#chatbot textarea").first
