@@ -318,6 +318,19 @@ def test_the_api_lists_only_what_scripts_can_call(launched):
     assert not {n for n in named if n in ("/False", "/send") or n.startswith("/unnamed")}, named
 
 
+def test_the_api_names_what_each_step_returns(launched):
+    """view_api named the chat and the stats line `value_8` and `value_9` (new-user trial): a script could not tell
+    its outputs apart. They carry the names of the parameters they come back as."""
+    url, _, _ = launched
+    api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    returns = {name: [r["label"] for r in api[name]["returns"]] for name in api}
+    assert returns["/chat"] == ["history", "stats"]
+    assert returns["/add_message"] == ["message", "history"]
+    assert returns["/image_chat"] == ["history", "stats"]
+    assert returns["/add_question"] == ["question", "history"]
+    assert returns["/set_image"] == ["history", "image"]
+
+
 def test_the_api_takes_messages_whose_content_is_plain_text(launched):
     """`{"role": "user", "content": "Hi"}`, as most chat APIs write a message, was refused with pydantic's
     "Input should be a valid list" (new-user trial); Gradio 6's Chatbot holds content as a list of parts."""

@@ -167,7 +167,9 @@ def build_chat_tab(
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
+        # the labels are not shown: they name the API's outputs (view_api said value_8)
         chatbot = lenient_chatbot(
+            label="history",
             show_label=False,
             elem_id="chatbot",
             height="58vh",
@@ -178,9 +180,10 @@ def build_chat_tab(
             placeholder=i18n("chat_placeholder"),
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
         )
-        stats = gr.Markdown(elem_id="chat-stats")
+        stats = gr.Markdown(label="stats", show_label=False, elem_id="chat-stats")
         with gr.Row(elem_id="chat-compose", equal_height=True):
             msg = gr.Textbox(
+                label="message",
                 show_label=False,
                 container=False,
                 placeholder=i18n("message_ph"),

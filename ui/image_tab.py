@@ -110,7 +110,8 @@ def build_image_tab(
         status = gr.Markdown(elem_id="image-status")
         with gr.Row(elem_id="image-layout"):
             with gr.Column(scale=2, min_width=280):
-                image = gr.Image(
+                image = gr.Image(  # the labels are not shown: they name the API's outputs
+                    label="image",
                     type="filepath",
                     image_mode=None,  # never converted by Gradio; preprocess is off for our events anyway
                     show_label=False,
@@ -120,6 +121,7 @@ def build_image_tab(
                 )
             with gr.Column(scale=3, min_width=280):
                 chatbot = lenient_chatbot(
+                    label="history",
                     show_label=False,
                     elem_id="image-chatbot",
                     height=380,
@@ -127,9 +129,10 @@ def build_image_tab(
                     layout="bubble",
                     placeholder=i18n("image_placeholder"),
                 )
-                stats = gr.Markdown(elem_id="image-stats")
+                stats = gr.Markdown(label="stats", show_label=False, elem_id="image-stats")
         with gr.Row(elem_id="image-compose", equal_height=True):
             question = gr.Textbox(
+                label="question",
                 show_label=False,
                 container=False,
                 placeholder=i18n("question_ph"),
