@@ -448,6 +448,13 @@ def test_copy_and_edit_give_a_message_as_it_was_typed(page, engines):
     pg.locator("#chatbot button[aria-label='Copy conversation']").click()
     pg.wait_for_function("window.__copied.length > 1")
     assert pg.evaluate("window.__copied[1]") == f"user: {typed}\n\nassistant: {reply}"
+    text.enqueue("see \u2060\\*not\\* \\_x")  # an answer with a mark in it (pasted text carries U+2060) is left as it is
+    type_and_enter(pg, "next")
+    page_has(pg, "*not*", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    pg.locator("#chatbot button[aria-label='Copy conversation']").click()
+    pg.wait_for_function("window.__copied.length > 2")
+    assert pg.evaluate("window.__copied[2]").endswith("\n\nuser: next\n\nassistant: see \\*not\\* \\_x")
     pg.locator("#chatbot .message-row").nth(0).hover()
     pg.locator("#chatbot button[aria-label='Edit']").first.click()
     box = pg.locator("#chatbot textarea").first

@@ -142,16 +142,19 @@ ENTER_GUARD = """<script>
 # A user's message sits in the chat escaped for Markdown and marked with U+2060 (ui/user_text.py), so that it shows
 # literally. Gradio's Copy buttons and Edit box take the message as held; this gives them the text as typed (the
 # inverse of user_text.shown, as user_text.typed does). "Copy conversation" writes each message as "role: text",
-# joined by blank lines: a marked message runs to the next such line (or the end).
+# joined by blank lines: a user's marked message runs to the next such line (or the end), so one that itself holds
+# a blank line and "assistant: " keeps its escapes after it. Marks anywhere else are only dropped.
 LITERAL_TEXT = r"""<script>
 (() => {
   const MARK = "\u2060";
   const typed = (t) => t.slice(1).replace(/\\([!-\/:-@\[-`{-~])|&nbsp;|&#9;/g, (m, c) => c || (m === "&nbsp;" ? " " : "\t"));
-  const each = (t) => t.replace(/\u2060[\s\S]*?(?=\n\n(?:user|assistant|system): |$)/g, typed);
+  const users = /(^|\n\n)user: (\u2060[\s\S]*?)(?=\n\n(?:user|assistant|system): |$)/g;
+  const each = (t) => t.replace(users, (m, before, text) => before + "user: " + typed(text));
   const clip = navigator.clipboard;
   if (clip && clip.writeText) {
     const write = clip.writeText.bind(clip);
-    clip.writeText = (t) => write(typeof t !== "string" ? t : t.startsWith(MARK) ? typed(t) : each(t));
+    const unmarked = (t) => t.split(MARK).join("");
+    clip.writeText = (t) => write(typeof t !== "string" ? t : t.startsWith(MARK) ? typed(t) : unmarked(each(t)));
   }
   document.addEventListener("focusin", (e) => {  // the Edit box takes the focus as it opens
     const box = e.target;

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # the child imports nothing heavy before saying it is ready
 CALL_TIMEOUT_S = 60.0  # count_tokens and friends; a build has no limit (loading takes minutes)
+READER_END_S = 2.0  # once the child has ended, its reader sees the end of the pipe at once
 
 
 class EngineProcessGone(EngineFailed):
@@ -82,7 +83,6 @@ class EngineProcess:
         self._sinks: dict[int, _Sink] = {}
         self.gone: str = ""  # why the child is gone, once it is
         self._closing = False
-        self._conn_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self.on_exit: list[Callable[[str], None]] = []
 
@@ -112,7 +112,9 @@ class EngineProcess:
         if self.gone:
             raise EngineProcessGone(self.gone)
         try:
-            with self._send_lock:
+            with self._send_lock:  # also held to close the pipe (_close_pipe)
+                if self.conn.closed:
+                    raise OSError("the pipe is closed")
                 self.conn.send(message)
         except OSError as e:  # the child is going: the reader thread will say why
             raise EngineProcessGone(f"The engine process is gone ({e}).") from e
@@ -209,9 +211,9 @@ class EngineProcess:
         self._close_pipe()
 
     def _close_pipe(self) -> None:
-        """Close this end of the pipe once, whichever thread comes first: closing it twice closed whatever file had
-        taken its number meanwhile, or raised `OSError: Bad file descriptor` at Ctrl+C."""
-        with self._conn_lock:
+        """Close this end of the pipe once, whichever thread comes first, and never under a send: closing it twice
+        closed whatever file had taken its number meanwhile, or raised `OSError: Bad file descriptor` at Ctrl+C."""
+        with self._send_lock:
             if not self.conn.closed:
                 self.conn.close()
 
@@ -230,7 +232,9 @@ class EngineProcess:
                 self.proc.join(timeout_s)
         reader = self._reader
         if reader is not None and reader is not threading.current_thread():
-            reader.join(timeout_s)  # it reads the end of the pipe, ends every call and reply in flight, and closes it
+            reader.join(READER_END_S)  # it reads the end of the pipe, ends every call and reply in flight, and closes it
+            if reader.is_alive():  # another process holds the child's end open
+                log.warning("the engine process has ended, and its pipe is still open; closing it")
         self._close_pipe()
 
 
