@@ -414,9 +414,12 @@ def test_ctrl_c_closes_the_app_and_its_engine_process_without_a_restart(tiny_mod
         port = s.getsockname()[1]
     script = textwrap.dedent(
         f"""
+        import faulthandler
+        import signal
         import sys
         import app
         from model_loader import startup
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack on a hang
         from model_loader.config import AppConfig
         if __name__ == "__main__":
             startup.ENGINE_BUILDER = "tests.fakes:fake_lmdeploy_engine"
@@ -443,7 +446,13 @@ def test_ctrl_c_closes_the_app_and_its_engine_process_without_a_restart(tiny_mod
         wait_until(lambda: log.read_text().count("Ready on turbomind") >= 2 or p.poll() is not None, 90)
         assert p.poll() is None, log.read_text()[-3000:]
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl+C in the terminal does
-        assert p.wait(30) == 0, log.read_text()[-3000:]
+        try:
+            code = p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGUSR1)  # where it hangs, for the failure's message
+            time.sleep(2)
+            raise AssertionError("the app did not exit within 30 s of Ctrl+C:\n" + log.read_text()[-6000:]) from None
+        assert code == 0, log.read_text()[-3000:]
         end = time.monotonic() + 15
         while True:  # every process of the group is gone: the engine process too
             try:
