@@ -18,7 +18,8 @@ pass over it, Gradio's diff finds it unchanged (the same object), and the page r
 
 A turn is sent the whole chat, which the chat's previous turn rendered already: each turn of a 20-turn chat
 rendered all of it again at its first update, and validated it again after Gradio had. Rendered text messages are
-kept by their JSON for the next turn (`_Memo`), and the chat Gradio validated passes as it is (`preprocessed`).
+kept by a digest of their JSON for the next turns (`RenderMemo`), and the chat Gradio validated passes as it is
+(`preprocessed`).
 """
 
 from __future__ import annotations
