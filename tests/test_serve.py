@@ -71,6 +71,9 @@ def test_once_the_engines_are_built_a_full_collection_no_longer_walks_them(monke
     monkeypatch.setattr(ui.page, "build_demo", lambda slots, cfg, info: (NoDemo(), None))
     monkeypatch.setattr(ui.page, "launch_kwargs", lambda cfg, i18n: {})
     before, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    for t in threading.enumerate():  # an earlier test's app may still be waiting to freeze (a CI run saw it freeze here)
+        if t.name == "freeze-heap":
+            t.join(15)
     gc.unfreeze()
     try:
         assert app.serve(object(), {}) == 0
