@@ -180,19 +180,9 @@ def build_chat_tab(
             placeholder=i18n("chat_placeholder"),
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
         )
-        stats = gr.Markdown(label="stats", show_label=False, elem_id="chat-stats")
+        stats = streaming.stats_line("chat-stats")
         with gr.Row(elem_id="chat-compose", equal_height=True):
-            msg = gr.Textbox(
-                label="message",
-                show_label=False,
-                container=False,
-                placeholder=i18n("message_ph"),
-                lines=1,  # Gradio: Enter sends only in a one-line box; Shift+Enter adds lines up to max_lines
-                max_lines=10,
-                scale=8,
-                elem_id="chat-input",
-                autofocus=True,
-            )
+            msg = streaming.message_box("message", i18n("message_ph"), 10, "chat-input", autofocus=True)
             with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
                 send = gr.Button(i18n("send"), variant="primary", elem_id="chat-send")
                 stop = gr.Button(i18n("stop"), variant="stop", elem_id="chat-stop", interactive=False)

@@ -129,18 +129,9 @@ def build_image_tab(
                     layout="bubble",
                     placeholder=i18n("image_placeholder"),
                 )
-                stats = gr.Markdown(label="stats", show_label=False, elem_id="image-stats")
+                stats = streaming.stats_line("image-stats")
         with gr.Row(elem_id="image-compose", equal_height=True):
-            question = gr.Textbox(
-                label="question",
-                show_label=False,
-                container=False,
-                placeholder=i18n("question_ph"),
-                lines=1,
-                max_lines=6,
-                scale=8,
-                elem_id="image-question",
-            )
+            question = streaming.message_box("question", i18n("question_ph"), 6, "image-question")
             with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
                 ask = gr.Button(i18n("ask"), variant="primary", elem_id="image-ask")
                 stop = gr.Button(i18n("stop"), variant="stop", elem_id="image-stop", interactive=False)

@@ -217,6 +217,18 @@ def settings_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty,
     )
 
 
+def message_box(label: str, placeholder, max_lines: int, elem_id: str, **kw) -> gr.Textbox:
+    """A tab's message box: one line, so that Enter sends and Shift+Enter adds lines (up to `max_lines`). The
+    label is not shown: it names the box in the API's outputs (view_api said value_11)."""
+    return gr.Textbox(label=label, show_label=False, container=False, placeholder=placeholder, lines=1,
+                      max_lines=max_lines, scale=8, elem_id=elem_id, **kw)  # fmt: skip
+
+
+def stats_line(elem_id: str) -> gr.Markdown:
+    """The line under a tab's chat; its label names it in the API's outputs and is not shown."""
+    return gr.Markdown(label="stats", show_label=False, elem_id=elem_id)
+
+
 def sampling_sliders(i18n, defaults: GenSettings, max_new_limit: int) -> list:
     """Both tabs' sampling settings, in the order settings_from takes them: temperature, top-p, top-k, max new
     tokens, repetition penalty, seed (made inside the caller's Blocks, e.g. in its Settings accordion)."""
