@@ -24,9 +24,19 @@ def clean(text: str) -> str:
     """Replace lone UTF-16 surrogates (JSON allows them, UTF-8 and orjson do not) with U+FFFD, drop NULs."""
     if not isinstance(text, str):
         return ""
-    if _SURROGATES.search(text):
+    if not text.isascii() and _has_surrogates(text):
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text.replace("\x00", "")
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _has_surrogates(text: str) -> bool:
+    """Surrogates are the only characters UTF-8 cannot encode: C speed, where a regex scan took ~9 ns a character
+    of every message at every turn (issue 14)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.search(text) is not None
+    return False
 
 
 def shown(text: str) -> str:
