@@ -57,6 +57,10 @@ class FakeEngine:
         self.queue.extend(replies)
 
     def count_tokens(self, messages: list[dict]) -> int:
+        return self._tokens(messages)
+
+    def _tokens(self, messages: list[dict]) -> int:
+        """The prompt's tokens, as the engine counts them when asked and reports them with every reply."""
         n = 0
         for m in messages:
             c = m["content"]
@@ -103,7 +107,7 @@ class FakeEngine:
                 await asyncio.sleep(self.delay_s)
                 n += 1
                 yield Delta(w if i == 0 else " " + w)
-            yield Stats(self.count_tokens(messages), n, self.delay_s, time.perf_counter() - t0, reason)
+            yield Stats(self._tokens(messages), n, self.delay_s, time.perf_counter() - t0, reason)
         finally:
             mine = self._active.get(session_id, set())
             mine.discard(stop)

@@ -153,3 +153,47 @@ def test_long_message_with_the_default_system_prompt_is_refused_in_the_app(launc
     with pytest.raises(Exception, match="too long"):
         c.predict(question, "You are InternLM, a helpful assistant.", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
     assert not text.calls, "the message reached the engine"
+
+
+def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says_it_fits():
+    """The engine reports how many tokens the last prompt had (lmdeploy's input_token_len, on the stats line). The
+    next turn is that prompt, then the reply and the new question: when their bytes fit beside it, the chat fits,
+    and the engine process is not asked to count it all again. At 16 users with 6,000-token chats that count was
+    about 20 ms of each turn's wait before the engine was asked (bench_app --timeline, H100; issue 14). A chat that
+    does not continue the last prompt (an earlier message edited, another system prompt) is counted as before."""
+    from types import SimpleNamespace
+
+    from model_loader.engines.slot import EngineSlot
+    from ui.chat_tab import stream_reply
+    from ui.prompt_sizes import PromptSizes
+
+    eng = CountingEngine(delay_s=0.0, session_len=4096)
+    slot = EngineSlot("text", "ready", "Ready", engine=eng)
+    replies, request = streaming.Replies(), SimpleNamespace(session_hash="s1")
+    sizes = PromptSizes()
+
+    def turn(history: list[dict], system: str = "You are helpful.") -> list[dict]:
+        async def run():
+            last = None
+            async for update in stream_reply(slot, history, system, 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
+                last = update
+            return last[0]
+
+        return asyncio.run(run())
+
+    chat = [{"role": m["role"], "content": m["content"]} for m in conversation_of(20)[1:]]  # the page's chat
+    assert conversation.token_upper_bound(chat) > 4096 - 64  # too many bytes to fit without a count
+    sent = len(chat) + 1  # with the system prompt
+    chat = turn(chat)
+    assert eng.counted == [sent], eng.counted  # the first turn: counted once, as a whole
+    eng.counted.clear()
+    chat = turn(chat + [{"role": "user", "content": "and then?"}])
+    assert eng.counted == [], eng.counted  # continues what the engine counted: no count
+    assert chat[-1]["content"].startswith("You said: and then?")
+    edited = [dict(m) for m in chat] + [{"role": "user", "content": "one more"}]
+    edited[0]["content"] = "question 0 changed " + "w " * 50
+    turn(edited)
+    assert eng.counted == [len(edited) + 1], eng.counted  # not what was counted: counted again (with the system)
+    eng.counted.clear()
+    turn(chat + [{"role": "user", "content": "and then?"}], system="Be brief.")
+    assert eng.counted, "another system prompt: counted again"

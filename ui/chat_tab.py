@@ -19,6 +19,7 @@ from ui import streaming
 from ui.chatbot import lenient_chatbot
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
+from ui.prompt_sizes import PromptSizes
 from ui.rendered import RenderMemo, json_bytes, rendered_turn
 from ui.user_text import clean, clean_history, shown, typed, typed_history
 
@@ -59,8 +60,10 @@ async def stream_reply(
     seed: int,
     request: gr.Request,
     replies: streaming.Replies | None = None,
+    sizes: PromptSizes | None = None,
 ):
-    """Stream InternLM2's answer to the conversation's last user message (one reply at a time per chat)."""
+    """Stream InternLM2's answer to the conversation's last user message (one reply at a time per chat); `sizes`
+    knows what the engine counted of this chat's last prompt (ui/prompt_sizes.py)."""
     engine = streaming.engine_or_error(slot)
     history = clean_history(history)
     streaming.require_question(history, "There is no question to answer; send a message first.", EMPTY, "Empty message")
@@ -70,8 +73,9 @@ async def stream_reply(
     replies.check(key)
     messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
     window = engine.info.session_len or 8192
-    messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens)
-    updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB)
+    known = sizes.upper_bound(key, messages) if sizes is not None else None
+    messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens, known)
+    updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB, sizes)
     async for update in replies.stream(key, updates):
         yield update
 
@@ -165,6 +169,7 @@ def build_chat_tab(
     slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserState, replies: streaming.Replies, scratch: Scratch
 ) -> gr.Blocks:
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
+    sizes = PromptSizes()  # what the engine counted of each chat's last prompt, for the next turn's fit
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
         # the labels are not shown: they name the API's outputs (view_api said value_8)
@@ -231,7 +236,7 @@ def build_chat_tab(
         ):
             async for update in stream_reply(
                 slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                request, replies,
+                request, replies, sizes,
             ):  # fmt: skip
                 yield update
 
@@ -300,7 +305,7 @@ def build_chat_tab(
             settings_from's order."""
             yield (sent_now, history, "…", save(history, "")[0])
             current, line = history, ""
-            async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies):
+            async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies, sizes):
                 yield (gr.skip(), current, line, UNSAVED)
             kept, shown_line = save(current, line)
             yield (gr.skip(), current, shown_line, kept)

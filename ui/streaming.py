@@ -21,6 +21,7 @@ from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
 from ui.conversation import format_stats, settings_note, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
 from ui.files import Scratch
+from ui.prompt_sizes import PromptSizes
 from ui.user_text import typed
 
 log = logging.getLogger(__name__)
@@ -338,14 +339,17 @@ def count_each(engine: ChatEngine) -> Callable[[list[list[dict]]], list[int]]:
     return each if each is not None else (lambda chats: [engine.count_tokens(c) for c in chats])
 
 
-async def fit_messages(engine: ChatEngine, messages: list[dict], session_len: int, max_new: int) -> tuple[list[dict], str]:
+async def fit_messages(
+    engine: ChatEngine, messages: list[dict], session_len: int, max_new: int, known: int | None = None
+) -> tuple[list[dict], str]:
     """Drop the oldest turns that no longer fit the window and say so; refuse a message that cannot fit at all.
+    `known` is an upper bound of the chat's tokens from the engine's count of its last prompt (ui/prompt_sizes.py).
 
     Tokenizing runs in a worker thread: a long conversation must not hold up every other stream.
     """
     budget = max(64, session_len - max_new)
     bound = token_upper_bound(messages)
-    if bound <= budget:
+    if bound <= budget or (known is not None and known <= budget):
         return messages, ""  # fits for sure: no tokenizer work at all
     count = count_each(engine)
     earlier = any(m["role"] != "system" for m in messages[:-1])  # else trimming counts the chat once anyway
@@ -377,11 +381,14 @@ def require_question(history: list[dict], nothing: str, empty: str, empty_title:
 
 
 def reply_updates(engine: ChatEngine, history: list[dict], messages: list[dict], settings: GenSettings, notice: str,
-                  request: gr.Request | None, tab: str) -> AsyncIterator[tuple[list[dict], str]]:  # fmt: skip
+                  request: gr.Request | None, tab: str, sizes: PromptSizes | None = None,
+                  ) -> AsyncIterator[tuple[list[dict], str]]:  # fmt: skip
     """Start the engine on this browser's session for the tab and fill the chat from it; the stats line also says
-    which sliders the chosen settings make do nothing."""
+    which sliders the chosen settings make do nothing. `sizes` remembers what the engine counted of the prompt."""
     notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
     stream = engine.stream(session_id(request, tab), messages, settings)
+    if sizes is not None:
+        stream = sizes.observed(chat_key(request, tab), messages, stream)
     return stream_into(history, stream, notice, engine.active_sessions, getattr(engine.info, "capacity", 0))
 
 
