@@ -74,6 +74,10 @@ def main() -> int:
         streaming.MAX_UI_INTERVAL_S = float(most)
     if os.environ.get("BENCH_COUNT_ONE_BY_ONE"):  # A/B: trimming asks the engine process once per turn, as before
         del process.ProcessEngine.count_tokens_each
+    if os.environ.get("BENCH_COUNT_EVERY_TURN"):  # A/B: the fit check ignores the engine's counts of earlier prompts
+        from ui import prompt_sizes  # noqa: PLC0415
+
+        prompt_sizes.PromptSizes.upper_bound = lambda self, messages: None
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

@@ -156,11 +156,12 @@ def test_long_message_with_the_default_system_prompt_is_refused_in_the_app(launc
 
 
 def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says_it_fits():
-    """The engine reports how many tokens the last prompt had (lmdeploy's input_token_len, on the stats line). The
+    """The engine reports how many tokens each prompt had (lmdeploy's input_token_len, on the stats line). A chat's
     next turn is that prompt, then the reply and the new question: when their bytes fit beside it, the chat fits,
-    and the engine process is not asked to count it all again. At 16 users with 6,000-token chats that count was
-    about 20 ms of each turn's wait before the engine was asked (bench_app --timeline, H100; issue 14). A chat that
-    does not continue the last prompt (an earlier message edited, another system prompt) is counted as before."""
+    and the engine process is not asked to count it all again, also after a reload. At 16 users with 6,000-token
+    chats that count was about 20 ms of each turn's wait before the engine was asked (bench_app --timeline, H100;
+    issue 14). A chat that continues no counted prompt (an earlier message edited, another system prompt) is counted
+    as before."""
     from types import SimpleNamespace
 
     from model_loader.engines.slot import EngineSlot
@@ -190,6 +191,9 @@ def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says
     chat = turn(chat + [{"role": "user", "content": "and then?"}])
     assert eng.counted == [], eng.counted  # continues what the engine counted: no count
     assert chat[-1]["content"].startswith("You said: and then?")
+    request = SimpleNamespace(session_hash="s2")  # the page reloaded: the chat comes back from the browser
+    chat = turn(chat + [{"role": "user", "content": "still there?"}])
+    assert eng.counted == [], eng.counted
     edited = [dict(m) for m in chat] + [{"role": "user", "content": "one more"}]
     edited[0]["content"] = "question 0 changed " + "w " * 50
     turn(edited)
@@ -197,3 +201,19 @@ def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says
     eng.counted.clear()
     turn(chat + [{"role": "user", "content": "and then?"}], system="Be brief.")
     assert eng.counted, "another system prompt: counted again"
+
+
+def test_prompt_sizes_keep_the_newest_prompts_and_skip_what_they_cannot_digest():
+    from ui.prompt_sizes import PromptSizes
+
+    sizes = PromptSizes(prompts=2)
+    chats = [[{"role": "user", "content": f"chat {i}"}] for i in range(3)]
+    for i, chat in enumerate(chats):
+        sizes.remember(chat, 10 + i)
+    assert sizes.upper_bound(chats[0]) is None  # the oldest went first
+    assert sizes.upper_bound(chats[2]) == 12 + conversation.token_upper_bound([])
+    more = chats[1] + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
+    assert sizes.upper_bound(more) == 11 + conversation.token_upper_bound(more[1:])
+    with_image = [{"role": "user", "content": [{"type": "image", "image": object()}]}]
+    sizes.remember(with_image, 600)  # not written by orjson: not kept, no error
+    assert sizes.upper_bound(with_image) is None and sizes.upper_bound(chats[2] + with_image) == 12 + 576 + 8 + 16

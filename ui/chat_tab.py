@@ -63,7 +63,7 @@ async def stream_reply(
     sizes: PromptSizes | None = None,
 ):
     """Stream InternLM2's answer to the conversation's last user message (one reply at a time per chat); `sizes`
-    knows what the engine counted of this chat's last prompt (ui/prompt_sizes.py)."""
+    knows what the engine counted of recent prompts (ui/prompt_sizes.py)."""
     engine = streaming.engine_or_error(slot)
     history = clean_history(history)
     streaming.require_question(history, "There is no question to answer; send a message first.", EMPTY, "Empty message")
@@ -73,7 +73,7 @@ async def stream_reply(
     replies.check(key)
     messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
     window = engine.info.session_len or 8192
-    known = sizes.upper_bound(key, messages) if sizes is not None else None
+    known = sizes.upper_bound(messages) if sizes is not None else None
     messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens, known)
     updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB, sizes)
     async for update in replies.stream(key, updates):
@@ -169,7 +169,7 @@ def build_chat_tab(
     slot: EngineSlot, i18n, concurrency: int, saved: gr.BrowserState, replies: streaming.Replies, scratch: Scratch
 ) -> gr.Blocks:
     """The Chat tab's Blocks; `saved` keeps the conversation in the browser across reloads."""
-    sizes = PromptSizes()  # what the engine counted of each chat's last prompt, for the next turn's fit
+    sizes = PromptSizes()  # what the engine counted of recent prompts, for the next turns' fit
     with gr.Blocks() as tab:
         status = gr.Markdown(elem_id="chat-status")
         # the labels are not shown: they name the API's outputs (view_api said value_8)

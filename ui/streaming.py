@@ -388,7 +388,7 @@ def reply_updates(engine: ChatEngine, history: list[dict], messages: list[dict],
     notice = " · ".join(filter(None, [notice, settings_note(ignored_settings(settings))]))
     stream = engine.stream(session_id(request, tab), messages, settings)
     if sizes is not None:
-        stream = sizes.observed(chat_key(request, tab), messages, stream)
+        stream = sizes.observed(messages, stream)
     return stream_into(history, stream, notice, engine.active_sessions, getattr(engine.info, "capacity", 0))
 
 
