@@ -78,10 +78,6 @@ def main() -> int:
         from ui import prompt_sizes  # noqa: PLC0415
 
         prompt_sizes.PromptSizes.upper_bound = lambda self, messages: None
-    if os.environ.get("BENCH_LOGIN_IN_THREADS"):  # A/B: Gradio's login check in FastAPI's worker threads, as before
-        from ui import login_in_line  # noqa: PLC0415
-
-        login_in_line.run_login_check_in_line = lambda app: 0
     if os.environ.get("BENCH_SWITCH_INTERVAL_S"):  # A/B of the interpreter's switch interval while serving
         app.SWITCH_INTERVAL_S = float(os.environ["BENCH_SWITCH_INTERVAL_S"])
     return app.main()

@@ -100,30 +100,3 @@ def test_the_server_log_is_not_flooded_by_a_deprecation_warning_per_request():
         warnings.warn("'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated. Use 'HTTP_422_UNPROCESSABLE_CONTENT' instead.",
                       DeprecationWarning, stacklevel=1)  # fmt: skip
     assert not seen
-
-
-def test_a_turns_requests_check_the_login_without_a_worker_thread(launched, monkeypatch):
-    """Gradio's routes check the login through two plain-def FastAPI dependencies, which FastAPI runs in a worker
-    thread each: a turn's POST and its event stream waited for four thread hops on the busy event loop before the
-    turn was queued (6.5 % of the web server's samples at 32 users, py-spy, CPU; issue 14). With no login callback
-    of the app's own they are a dictionary lookup, run in line; the check still refuses a visitor who is not logged
-    in (test_reliability.py::test_optional_login)."""
-    import asyncio
-
-    import anyio.to_thread
-
-    from bench.pages import users_on_pages
-
-    url, _, _ = launched
-    hops: list[str] = []
-    run_sync = anyio.to_thread.run_sync
-
-    async def counted(func, *args, **kwargs):
-        hops.append(getattr(getattr(func, "func", func), "__name__", ""))
-        return await run_sync(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
-    turns, _, _ = asyncio.run(users_on_pages(url, 1, 2, 16))
-    assert len(turns) == 2 and not any(t["error"] for t in turns)
-    assert hops, "the count sees no thread hop at all: it does not measure"
-    assert [h for h in hops if h in ("login_check", "get_current_user")] == [], hops

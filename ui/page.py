@@ -18,7 +18,6 @@ from ui.chat_tab import build_chat_tab
 from ui.files import Scratch
 from ui.i18n import build_i18n, server_text
 from ui.image_tab import build_image_tab
-from ui.login_in_line import login_in_line_lifespan
 from ui.queue_analytics import keep_queue_analytics_small
 from ui.system_tab import STATE_ICONS, build_system_tab
 
@@ -402,7 +401,7 @@ def launch_kwargs(cfg: AppConfig, i18n) -> dict:
         css=CSS,
         head=HEAD + SETTINGS_HIDDEN + ENTER_GUARD + LITERAL_TEXT + OWN_CHAT_PER_TAB,
         show_error=True,
-        app_kwargs={**without_fastapi_telemetry(), "lifespan": login_in_line_lifespan()},  # ui/login_in_line.py
+        app_kwargs=without_fastapi_telemetry(),
     )
     if cfg.auth:
         kw["auth"] = cfg.auth_pairs()
