@@ -217,3 +217,83 @@ def test_prompt_sizes_keep_the_newest_prompts_and_skip_what_they_cannot_digest()
     with_image = [{"role": "user", "content": [{"type": "image", "image": object()}]}]
     sizes.remember(with_image, 600)  # not written by orjson: not kept, no error
     assert sizes.upper_bound(with_image) is None and sizes.upper_bound(chats[2] + with_image) == 12 + 576 + 8 + 16
+
+
+def test_a_continued_chat_that_may_not_fit_is_still_counted_and_trimmed():
+    """What the engine counted says nothing about a long new question: the remembered size plus its bytes are over
+    the window, so the chat is counted and its oldest turns dropped as before (review)."""
+    from types import SimpleNamespace
+
+    from model_loader.engines.slot import EngineSlot
+    from ui.chat_tab import stream_reply
+    from ui.prompt_sizes import PromptSizes
+
+    eng = CountingEngine(delay_s=0.0, session_len=4096)
+    slot = EngineSlot("text", "ready", "Ready", engine=eng)
+    replies, request, sizes = streaming.Replies(), SimpleNamespace(session_hash="s1"), PromptSizes()
+
+    def turn(history: list[dict]) -> tuple[list[dict], str]:
+        async def run():
+            last = None
+            async for update in stream_reply(slot, history, "", 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
+                last = update
+            return last
+
+        return asyncio.run(run())
+
+    chat, _ = turn([{"role": m["role"], "content": m["content"]} for m in conversation_of(20, system="")])
+    eng.counted.clear()
+    _, line = turn(chat + [{"role": "user", "content": "w " * 3000}])
+    assert eng.counted, "not counted"
+    sent = eng.calls[-1][1]
+    assert eng.count_tokens(sent) <= 4096 - 64 and len(sent) < len(chat) + 1
+    assert "no longer fit" in line
+
+
+def test_an_engine_that_only_estimates_its_counts_is_counted_every_turn():
+    """The api_server's count_tokens is an estimate (its tokenizer lives on the server) and its window a guess: its
+    chats keep being judged by the estimate, not by the sizes the server reported (review)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from model_loader.engines.slot import EngineSlot
+    from ui.chat_tab import stream_reply
+    from ui.prompt_sizes import PromptSizes
+
+    eng = CountingEngine(delay_s=0.0, session_len=4096)
+    eng.info = dataclasses.replace(eng.info, exact_counts=False)
+    slot = EngineSlot("text", "ready", "Ready", engine=eng)
+    replies, request, sizes = streaming.Replies(), SimpleNamespace(session_hash="s1"), PromptSizes()
+
+    async def run(history):
+        last = None
+        async for update in stream_reply(slot, history, "", 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
+            last = update
+        return last[0]
+
+    chat = asyncio.run(run([{"role": m["role"], "content": m["content"]} for m in conversation_of(20, system="")]))
+    eng.counted.clear()
+    asyncio.run(run(chat + [{"role": "user", "content": "and then?"}]))
+    assert eng.counted, "an estimating engine's chat went uncounted"
+
+
+def test_the_chat_tab_remembers_what_the_engine_counted(tmp_path, monkeypatch):
+    """The page's own Enter path passes its prompt sizes on: a returning page's second turn of a long chat is not
+    counted again (review: nothing else checks the wiring)."""
+    from bench.pages import text_history, users_on_pages
+    from tests.conftest import TEST_LAUNCH, fake_startup
+    from ui.page import build_demo, launch_kwargs
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    eng = CountingEngine(delay_s=0.0, session_len=2048)
+    st = fake_startup(eng, FakeEngine("vision"), host="127.0.0.1")
+    demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+    _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), **TEST_LAUNCH})
+    try:
+        history = text_history(conversation_of(15, system="")[:-1])  # more bytes than the window has tokens
+        turns, _, _ = asyncio.run(users_on_pages(url, 1, 2, 16, histories=[history]))
+        assert not any(t["error"] for t in turns) and len(turns) == 2
+        whole = [n for n in eng.counted if n > 2]  # the page's own checks count the new message alone
+        assert len(whole) == 1, eng.counted  # the first turn only
+    finally:
+        demo.close()

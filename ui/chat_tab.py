@@ -73,8 +73,7 @@ async def stream_reply(
     replies.check(key)
     messages = to_engine_messages(typed_history(history), clean(system_prompt or ""), reserved=engine.info.reserved)
     window = engine.info.session_len or 8192
-    known = sizes.upper_bound(messages) if sizes is not None else None
-    messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens, known)
+    messages, notice = await streaming.fit_messages(engine, messages, window, settings.max_new_tokens, sizes)
     updates = streaming.reply_updates(engine, history, messages, settings, notice, request, TAB, sizes)
     async for update in replies.stream(key, updates):
         yield update

@@ -12,7 +12,7 @@ each turn's wait before the engine was asked (bench_app --timeline, H100; issue 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 
 import orjson
@@ -58,11 +58,13 @@ class PromptSizes:
         return tokens + token_upper_bound(messages[n:])
 
     def remember(self, messages: list[dict], tokens: int) -> None:
-        digests = list(_prefix_digests(messages))
-        if tokens <= 0 or len(digests) != len(messages) or not digests:
+        """The engine counted `tokens` for the prompt of `messages` (kept unless some message cannot be digested)."""
+        last = deque(enumerate(_prefix_digests(messages), 1), maxlen=1)  # the whole prompt's digest
+        if tokens <= 0 or not last or last[0][0] != len(messages):
             return
-        self._tokens[digests[-1]] = tokens
-        self._tokens.move_to_end(digests[-1])
+        digest = last[0][1]
+        self._tokens[digest] = tokens
+        self._tokens.move_to_end(digest)
         while len(self._tokens) > self._prompts:
             self._tokens.popitem(last=False)
 

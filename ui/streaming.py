@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -21,8 +22,10 @@ from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
 from ui.conversation import format_stats, settings_note, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
 from ui.files import Scratch
-from ui.prompt_sizes import PromptSizes
 from ui.user_text import typed
+
+if TYPE_CHECKING:
+    from ui.prompt_sizes import PromptSizes
 
 log = logging.getLogger(__name__)
 
@@ -340,17 +343,21 @@ def count_each(engine: ChatEngine) -> Callable[[list[list[dict]]], list[int]]:
 
 
 async def fit_messages(
-    engine: ChatEngine, messages: list[dict], session_len: int, max_new: int, known: int | None = None
+    engine: ChatEngine, messages: list[dict], session_len: int, max_new: int, sizes: PromptSizes | None = None
 ) -> tuple[list[dict], str]:
     """Drop the oldest turns that no longer fit the window and say so; refuse a message that cannot fit at all.
-    `known` is an upper bound of the chat's tokens from the engine's count of its last prompt (ui/prompt_sizes.py).
+    `sizes` knows what the engine counted of recent prompts (ui/prompt_sizes.py): a chat that continues one of them
+    may fit for sure without a count.
 
     Tokenizing runs in a worker thread: a long conversation must not hold up every other stream.
     """
     budget = max(64, session_len - max_new)
     bound = token_upper_bound(messages)
-    if bound <= budget or (known is not None and known <= budget):
+    if bound <= budget:
         return messages, ""  # fits for sure: no tokenizer work at all
+    known = sizes.upper_bound(messages) if sizes is not None and engine.info.exact_counts else None
+    if known is not None and known <= budget:
+        return messages, ""  # a counted prompt, continued by fewer bytes than the window has room for
     count = count_each(engine)
     earlier = any(m["role"] != "system" for m in messages[:-1])  # else trimming counts the chat once anyway
     if earlier and bound <= LIKELY_BYTES_PER_TOKEN * budget and (await asyncio.to_thread(count, [messages]))[0] <= budget:

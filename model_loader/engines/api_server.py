@@ -73,7 +73,9 @@ class ApiServerEngine:
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> AsyncOpenAI
         self._active: dict[int, object] = {}  # session -> its stream (None while the request is being set up)
         self._stopped: set[int] = set()
-        self.info = EngineInfo(kind=kind, name=self.url, backend="api_server", path=self.url, source="api_server")
+        self.info = EngineInfo(
+            kind=kind, name=self.url, backend="api_server", path=self.url, source="api_server", exact_counts=False
+        )
 
     def _new_client(self, timeout_s: float, retries: int):
         from openai import AsyncOpenAI  # noqa: PLC0415

@@ -104,6 +104,9 @@ class EngineInfo:
     # replace this common set with their own (LmdeployEngine); the api_server's tokenizer lives on the server.
     reserved: tuple[str, ...] = COMMON_RESERVED
     capacity: int = 0  # conversations the engine can serve at once (its KV cache and batch); 0 = unknown
+    # count_tokens runs the engine's own tokenizer and template; False for an estimate (the api_server's), whose
+    # chats are then not judged by the prompt sizes the engine reported (ui/prompt_sizes.py)
+    exact_counts: bool = True
 
 
 @runtime_checkable
