@@ -43,6 +43,19 @@ async def fit(engine, messages, session_len, max_new=64):
     return await result if inspect.isawaitable(result) else result
 
 
+def last_update(slot, history: list[dict], system: str, request, replies, sizes) -> tuple[list[dict], str]:
+    """The chat tab's reply to `history`, run to its end: the last (chat, stats line) it showed."""
+    from ui.chat_tab import stream_reply
+
+    async def run():
+        last = None
+        async for update in stream_reply(slot, history, system, 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
+            last = update
+        return last
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize("system", ["", "You are a helpful assistant."])
 def test_message_over_the_window_is_refused_with_or_without_a_system_prompt(system):
     eng = FakeEngine(session_len=8192)
@@ -165,7 +178,6 @@ def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says
     from types import SimpleNamespace
 
     from model_loader.engines.slot import EngineSlot
-    from ui.chat_tab import stream_reply
     from ui.prompt_sizes import PromptSizes
 
     eng = CountingEngine(delay_s=0.0, session_len=4096)
@@ -174,13 +186,7 @@ def test_a_chats_next_turn_is_not_counted_again_when_the_engines_last_count_says
     sizes = PromptSizes()
 
     def turn(history: list[dict], system: str = "You are helpful.") -> list[dict]:
-        async def run():
-            last = None
-            async for update in stream_reply(slot, history, system, 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
-                last = update
-            return last[0]
-
-        return asyncio.run(run())
+        return last_update(slot, history, system, request, replies, sizes)[0]
 
     chat = [{"role": m["role"], "content": m["content"]} for m in conversation_of(20)[1:]]  # the page's chat
     assert conversation.token_upper_bound(chat) > 4096 - 64  # too many bytes to fit without a count
@@ -225,7 +231,6 @@ def test_a_continued_chat_that_may_not_fit_is_still_counted_and_trimmed():
     from types import SimpleNamespace
 
     from model_loader.engines.slot import EngineSlot
-    from ui.chat_tab import stream_reply
     from ui.prompt_sizes import PromptSizes
 
     eng = CountingEngine(delay_s=0.0, session_len=4096)
@@ -233,13 +238,7 @@ def test_a_continued_chat_that_may_not_fit_is_still_counted_and_trimmed():
     replies, request, sizes = streaming.Replies(), SimpleNamespace(session_hash="s1"), PromptSizes()
 
     def turn(history: list[dict]) -> tuple[list[dict], str]:
-        async def run():
-            last = None
-            async for update in stream_reply(slot, history, "", 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
-                last = update
-            return last
-
-        return asyncio.run(run())
+        return last_update(slot, history, "", request, replies, sizes)
 
     chat, _ = turn([{"role": m["role"], "content": m["content"]} for m in conversation_of(20, system="")])
     eng.counted.clear()
@@ -257,7 +256,6 @@ def test_an_engine_that_only_estimates_its_counts_is_counted_every_turn():
     from types import SimpleNamespace
 
     from model_loader.engines.slot import EngineSlot
-    from ui.chat_tab import stream_reply
     from ui.prompt_sizes import PromptSizes
 
     eng = CountingEngine(delay_s=0.0, session_len=4096)
@@ -265,15 +263,9 @@ def test_an_engine_that_only_estimates_its_counts_is_counted_every_turn():
     slot = EngineSlot("text", "ready", "Ready", engine=eng)
     replies, request, sizes = streaming.Replies(), SimpleNamespace(session_hash="s1"), PromptSizes()
 
-    async def run(history):
-        last = None
-        async for update in stream_reply(slot, history, "", 0.7, 0.8, 40, 64, 1.0, 0, request, replies, sizes):
-            last = update
-        return last[0]
-
-    chat = asyncio.run(run([{"role": m["role"], "content": m["content"]} for m in conversation_of(20, system="")]))
+    chat, _ = last_update(slot, conversation_of(20, system=""), "", request, replies, sizes)
     eng.counted.clear()
-    asyncio.run(run(chat + [{"role": "user", "content": "and then?"}]))
+    last_update(slot, chat + [{"role": "user", "content": "and then?"}], "", request, replies, sizes)
     assert eng.counted, "an estimating engine's chat went uncounted"
 
 
