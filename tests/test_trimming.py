@@ -289,3 +289,17 @@ def test_the_chat_tab_remembers_what_the_engine_counted(tmp_path, monkeypatch):
         assert len(whole) == 1, eng.counted  # the first turn only
     finally:
         demo.close()
+
+
+def test_a_message_that_leaves_no_room_for_earlier_ones_says_so():
+    """'The 6 oldest messages no longer fit' read as if some were kept, when every earlier message was left out
+    (new-user trial: four 2,500-word messages with Max new tokens at 4096)."""
+    eng = FakeEngine(session_len=8192)
+    msgs = conversation_of(3, words=2500, system="")
+    msgs[-1]["content"] = "w " * 2500
+    kept, note = asyncio.run(fit(eng, msgs, 8192, max_new=4096))
+    assert kept == msgs[-1:]
+    assert note.startswith("Only this message fits the 8,192-token window"), note
+    assert "the 6 earlier messages were left out" in note
+    kept, note = asyncio.run(fit(eng, conversation_of(3, words=2500, system="Be brief."), 8192, max_new=2048))
+    assert len(kept) == 4 and note.startswith("The 4 oldest messages no longer fit"), note

@@ -373,7 +373,10 @@ async def fit_messages(
             "Message too long",
         )
     if dropped:
-        note = f"The {dropped} oldest messages no longer fit the {session_len:,}-token window and were left out."
+        if all(m["role"] == "system" for m in kept[:-1]):  # nothing before the question is left
+            note = f"Only this message fits the {session_len:,}-token window: the {dropped} earlier messages were left out."
+        else:
+            note = f"The {dropped} oldest messages no longer fit the {session_len:,}-token window and were left out."
         gr.Info(note)
         return kept, note
     return kept, ""
