@@ -303,3 +303,10 @@ def test_a_message_that_leaves_no_room_for_earlier_ones_says_so():
     assert "the 6 earlier messages were left out" in note
     kept, note = asyncio.run(fit(eng, conversation_of(3, words=2500, system="Be brief."), 8192, max_new=2048))
     assert len(kept) == 4 and note.startswith("The 4 oldest messages no longer fit"), note
+
+
+def test_the_trimming_note_counts_one_message_in_the_singular():
+    eng = FakeEngine(session_len=8192)
+    msgs = [{"role": "assistant", "content": "w " * 3000}, {"role": "user", "content": "w " * 3000}]
+    kept, note = asyncio.run(fit(eng, msgs, 8192, max_new=4096))
+    assert kept == msgs[-1:] and "the earlier message was left out" in note, note

@@ -374,9 +374,11 @@ async def fit_messages(
         )
     if dropped:
         if all(m["role"] == "system" for m in kept[:-1]):  # nothing before the question is left
-            note = f"Only this message fits the {session_len:,}-token window: the {dropped} earlier messages were left out."
+            earlier = "the earlier message was" if dropped == 1 else f"the {dropped} earlier messages were"
+            note = f"Only this message fits the {session_len:,}-token window: {earlier} left out."
         else:
-            note = f"The {dropped} oldest messages no longer fit the {session_len:,}-token window and were left out."
+            oldest = "oldest message no longer fits" if dropped == 1 else f"{dropped} oldest messages no longer fit"
+            note = f"The {oldest} the {session_len:,}-token window and {'was' if dropped == 1 else 'were'} left out."
         gr.Info(note)
         return kept, note
     return kept, ""
