@@ -152,6 +152,18 @@ def trim_to_fit(
         keep -= 1
 
 
+def trim_note(kept: list[dict], dropped: int, session_len: int) -> str:
+    """What trimming tells the user: how many messages were left out, and whether anything before the question
+    was kept at all."""
+    one = dropped == 1
+    verb = "was" if one else "were"
+    if all(m["role"] == "system" for m in kept[:-1]):
+        earlier = "the earlier message" if one else f"the {dropped} earlier messages"
+        return f"Only this message fits the {session_len:,}-token window: {earlier} {verb} left out."
+    oldest = "oldest message no longer fits" if one else f"{dropped} oldest messages no longer fit"
+    return f"The {oldest} the {session_len:,}-token window and {verb} left out."
+
+
 def format_stats(s: Stats) -> str:
     """'128 tokens · 540.2 tokens/s · first token 12 ms' for the line under the chat."""
     parts = [

@@ -20,7 +20,7 @@ import gradio as gr
 from model_loader.engines.seam import ChatEngine, Delta, GenSettings, Stats, ignored_settings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import AppError
-from ui.conversation import format_stats, settings_note, text_of, to_json, to_markdown, token_upper_bound, trim_to_fit
+from ui.conversation import format_stats, settings_note, text_of, to_json, to_markdown, token_upper_bound, trim_note, trim_to_fit
 from ui.files import Scratch
 from ui.user_text import typed
 
@@ -373,12 +373,7 @@ async def fit_messages(
             "Message too long",
         )
     if dropped:
-        if all(m["role"] == "system" for m in kept[:-1]):  # nothing before the question is left
-            earlier = "the earlier message was" if dropped == 1 else f"the {dropped} earlier messages were"
-            note = f"Only this message fits the {session_len:,}-token window: {earlier} left out."
-        else:
-            oldest = "oldest message no longer fits" if dropped == 1 else f"{dropped} oldest messages no longer fit"
-            note = f"The {oldest} the {session_len:,}-token window and {'was' if dropped == 1 else 'were'} left out."
+        note = trim_note(kept, dropped, session_len)
         gr.Info(note)
         return kept, note
     return kept, ""
