@@ -117,7 +117,9 @@ class Page:
         res["bytes"] = call["bytes"]
         res["session"], res["event_id"], res["wall_t0"] = self.session, call["event_id"], t0 + WALL
         res["wall_first"] = call["first"] + WALL if call["first"] else None
+        res["wall_end"] = call["end"] + WALL
         res["history"] = outputs[1]
+        res["t0_pc"], res["end_pc"] = t0, call["end"]
         return res
 
     async def poll(self, stop: asyncio.Event, opened_s_ago: float = 0.0) -> int:
@@ -191,6 +193,7 @@ async def users_on_pages(
                 r = await page.turn(history, question(first_user + i, t)["content"], max_new)
                 history = r.pop("history")
                 r["turn"] = t
+                r["start_s"], r["end_s"] = r.pop("t0_pc") - t0, r.pop("end_pc") - t0  # after the run began
                 out.append(r)
             return out
 

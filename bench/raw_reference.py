@@ -20,8 +20,9 @@ from bench.workload import history_of, question, summarize, token_counter
 _sessions = itertools.count(1)
 
 
-async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0) -> list[dict]:
-    """One user's turns straight on lmdeploy's loop: the whole conversation each turn, as the app sends it."""
+async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, began: float = 0.0) -> list[dict]:
+    """One user's turns straight on lmdeploy's loop: the whole conversation each turn, as the app sends it; each
+    turn's start and end in seconds after `began` (a perf_counter reading)."""
     history, out = history_of(user, history_tokens, token_counter(str(TEXT))), []
     for t in range(turns):
         history = history + [question(user, t)]
@@ -46,6 +47,8 @@ async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0) ->
                 "tokens": n,
                 "error": error,
                 "turn": t,
+                "start_s": t0 - began,
+                "end_s": time.perf_counter() - began,
             }
         )
         history = history + [{"role": "assistant", "content": text or "..."}]
@@ -57,7 +60,7 @@ def measure(pipe, gen, users: int, turns: int, history_tokens: int = 0) -> dict:
 
     async def everyone():
         t0 = time.perf_counter()
-        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, history_tokens) for u in range(users)])
+        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, history_tokens, t0) for u in range(users)])
         return [t for ts in per_user for t in ts], time.perf_counter() - t0
 
     turns_out, wall = asyncio.run_coroutine_threadsafe(everyone(), pipe.internal_thread.loop).result(600)

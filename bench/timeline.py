@@ -3,7 +3,8 @@
 
 Marks per queued event, on the app's side: `push` (Gradio's queue got the POST), `process` (the queue started the
 event), `shown` (the update showing the user's message went to the SSE stream), `stream` (the engine was asked),
-`delta` (the engine's first text reached the page's loop), `sent` (the update with it went to the SSE stream).
+`delta` (the engine's first text reached the page's loop), `sent` (the update with it went to the SSE stream),
+`last` (the engine's last word reached the page's loop), `done` (the event ended).
 Both processes run on one machine, so `time.time()` is shared.
 """
 
@@ -25,6 +26,8 @@ SEGMENTS = (
     ("first text → update handed to SSE", "delta", "sent"),
     ("SSE → client", "sent", "first"),
 )
+
+TAIL = (("engine asked → last word in the page's loop", "stream", "last"), ("last word → client saw the end", "last", "end"))
 
 _event = contextvars.ContextVar("bench_timeline_event", default=None)
 
@@ -80,6 +83,8 @@ def record_timeline(path: str | Path, engine_classes: tuple[type, ...], patch=se
                 if rec is not None and "delta" not in rec and isinstance(item, Delta):
                     rec["delta"] = time.time()
                 yield item
+            if rec is not None:
+                rec["last"] = time.time()  # the engine's last word reached the page's loop
 
         return timed_stream
 
@@ -117,7 +122,7 @@ def joined(client_turns: list[dict], events: list[dict]) -> list[dict]:
     for t in client_turns:
         marks = by_id.get(t.get("event_id"))
         if marks is not None and t.get("wall_first"):
-            out.append({**marks, "t0": t["wall_t0"], "first": t["wall_first"]})
+            out.append({**marks, "t0": t["wall_t0"], "first": t["wall_first"], "end": t.get("wall_end")})
     return out
 
 
@@ -130,5 +135,8 @@ def segments(turns: list[dict]) -> dict[str, float | None]:
         res[name] = round(statistics.fmean(d), 1) if d else None
     waits = [1000 * (t["first"] - t["t0"]) for t in turns]
     res["first text (mean)"] = round(statistics.fmean(waits), 1) if waits else None
+    for name, a, b in TAIL:  # after the first text: the reply's own time, and its end's way to the client
+        d = [1000 * (t[b] - t[a]) for t in turns if t.get(a) is not None and t.get(b) is not None]
+        res[name] = round(statistics.fmean(d), 1) if d else None
     res["turns"] = len(turns)
     return res

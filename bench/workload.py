@@ -130,6 +130,23 @@ def summarize(turns: list[dict], wall_s: float) -> dict:
         "first_ms_max": round(max(firsts), 1) if firsts else None,
         "errors": len(errors),
         "first_errors": errors[:3],
+        **critical_path(turns),
+    }
+
+
+def critical_path(turns: list[dict]) -> dict:
+    """Where a run's wall time goes, from the turns' `start_s` and `end_s` (seconds after the run began) and
+    `turn` (0, 1, ...): each round of turns' last start and last end (ms), and the median reply's decode time,
+    first text to end (ms). A run ends with its last user's last turn, so the late starts are the app's cost."""
+    timed = [t for t in turns if t.get("start_s") is not None and t.get("end_s") is not None]
+    if not timed:
+        return {}
+    rounds = sorted({t.get("turn", 0) for t in timed})
+    decode = [t["end_s"] - t["start_s"] - t["first_ms"] / 1000 for t in timed if t.get("first_ms") is not None]
+    return {
+        "last_start_ms": [round(1000 * max(t["start_s"] for t in timed if t.get("turn", 0) == r), 1) for r in rounds],
+        "last_end_ms": [round(1000 * max(t["end_s"] for t in timed if t.get("turn", 0) == r), 1) for r in rounds],
+        "decode_ms_median": round(1000 * statistics.median(decode), 1) if decode else None,
     }
 
 

@@ -589,3 +589,17 @@ def test_a_stopped_app_is_waited_for_until_its_engine_process_has_gone(tmp_path)
     child = int(app.stdout.readline())
     stop_app(app)
     assert app.poll() is not None and not _running(child)
+
+
+def test_a_runs_wall_splits_into_late_starts_and_decode():
+    """The critical path of a run: each round's last start and end, and the median decode (bench_app, raw)."""
+    turns = [
+        {"turn": 0, "start_s": 0.0, "end_s": 1.0, "first_ms": 100.0, "tokens": 1, "error": ""},
+        {"turn": 0, "start_s": 0.2, "end_s": 1.3, "first_ms": 100.0, "tokens": 1, "error": ""},
+        {"turn": 1, "start_s": 1.0, "end_s": 2.0, "first_ms": 50.0, "tokens": 1, "error": ""},
+        {"turn": 1, "start_s": 1.3, "end_s": 2.5, "first_ms": 50.0, "tokens": 1, "error": ""},
+    ]
+    s = summarize(turns, 2.5)
+    assert s["last_start_ms"] == [200.0, 1300.0] and s["last_end_ms"] == [1300.0, 2500.0]
+    assert s["decode_ms_median"] == pytest.approx(975.0)
+    assert "last_start_ms" not in summarize([{"first_ms": 1.0, "tokens": 1, "error": ""}], 1.0)
