@@ -101,12 +101,13 @@ class Page:
         await asyncio.gather(*[self.predict(d["id"], input_defaults(self.config, d)) for d in loads])
         return time.perf_counter() - t0
 
-    async def turn(self, history: list, text: str, max_new: int = 256) -> dict:
-        """Type a message and press Enter: first text is timed from the submit, as the user waits for it."""
+    async def turn(self, history: list, text: str, max_new: int = 256, seen: list | None = None) -> dict:
+        """Type a message and press Enter: first text is timed from the submit, as the user waits for it. `seen`
+        gets the outputs after each streamed update (sse_client.stream_call)."""
         t0 = time.perf_counter()
         data = [text, history, "", 0.0, 0.8, 40, max_new, 1.0, 0]
         data += [None] * (len(self.send_dep["inputs"]) - len(data))  # the page's State (`sent`) sends null
-        call = await stream_call(self.http, self.url, self.send, data, self.session, chat_output=1)
+        call = await stream_call(self.http, self.url, self.send, data, self.session, chat_output=1, seen=seen)
         outputs = call["outputs"] or [None, history]
         self._follow_timers(self.send_dep, outputs)
         for dep in self.after_send:

@@ -63,10 +63,13 @@ def merge_update(old, diff):
     return apply_diff(old, diff)
 
 
-async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list, session: str = "", chat_output: int = 0) -> dict:
+async def stream_call(
+    http: httpx.AsyncClient, url: str, index: int, data: list, session: str = "", chat_output: int = 0, seen: list | None = None
+) -> dict:
     """Run one queued event; returns client-side first-text time, updates and their bytes, final outputs, timings.
 
-    Without `session`, a brand-new session hash: the server then sets up a new visitor's state first."""
+    Without `session`, a brand-new session hash: the server then sets up a new visitor's state first. `seen`, when
+    given, gets the outputs as each streamed update left them (what the page showed after it)."""
     session = session or uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     body = {"data": data, "fn_index": index, "session_hash": session, "event_data": None, "trigger_id": None}
@@ -87,6 +90,8 @@ async def stream_call(http: httpx.AsyncClient, url: str, index: int, data: list,
                         updates += 1
                         out = msg["output"]["data"]
                         outputs = out if outputs is None else [merge_update(o, d) for o, d in zip(outputs, out)]
+                        if seen is not None:
+                            seen.append(json.loads(json.dumps(outputs)))  # a copy: the next diff changes it in place
                         if first is None and assistant_text(outputs[chat_output]):
                             first = time.perf_counter()
                     elif kind == "process_completed":

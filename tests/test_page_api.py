@@ -355,3 +355,31 @@ def test_a_reply_cut_at_max_new_tokens_says_so(launched):
     assert "16 tokens" in stats and "stopped at max new tokens" in stats, stats
     _, stats = c.predict(msg("and a little"), "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
     assert "50 tokens" in stats and "max new tokens" not in stats, stats
+
+
+def test_a_turn_sends_no_update_that_changes_nothing_on_the_page(launched):
+    """Each streamed update is work for the page's one process, and at 32 users that work decides when the last
+    user's reply starts (issue 14). The question shows with the reply's placeholder in one update, and the answer
+    ends, with its stats line, in the update that saves it: no update repeats the chat and the line before it."""
+    import asyncio
+
+    import httpx
+
+    from bench.pages import Page
+
+    url, (text, _), _ = launched
+    text.enqueue("one two three")
+
+    async def turn():
+        async with httpx.AsyncClient(timeout=60) as http:
+            page = Page(http, url, (await http.get(url + "config")).json())
+            await page.load()
+            seen: list = []
+            await page.turn([], "hello there", 64, seen)
+            return seen
+
+    seen = asyncio.run(turn())
+    shown = [(chat, line) for _, chat, line, _ in seen]
+    assert all(a != b for a, b in zip(shown, shown[1:])), shown
+    assert [m["role"] for m in seen[0][1]] == ["user", "assistant"]  # the question, and the reply on its way
+    assert reply_text(seen[-1][1]) == "one two three" and "tokens" in seen[-1][2] and seen[-1][3]  # saved with the end

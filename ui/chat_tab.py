@@ -298,16 +298,22 @@ def build_chat_tab(
         UNSAVED = None  # the browser keeps the conversation it saved last
 
         async def answer(sent_now, history, system_prompt, sampling, request):
-            """Every turn once its checks passed: show `history` and save it as it starts (a reload mid-reply keeps
-            the question, to answer again), stream, then save the answer (the page gives the controls back).
+            """Every turn once its checks passed, in as few updates as the page needs: the first shows `history`
+            with the reply on its way and saves `history` (a reload mid-reply keeps the question, to answer again),
+            the reply streams, and its last update saves the answer (the page gives the controls back).
             `sent_now` is the page's new `sent` count, or gr.skip(); `sampling` is the sliders' values in
             settings_from's order."""
-            yield (sent_now, history, "…", save(history, "")[0])
-            current, line = history, ""
-            async for current, line in stream_reply(slot, history, system_prompt, *sampling, request, replies, sizes):
-                yield (gr.skip(), current, line, UNSAVED)
-            kept, shown_line = save(current, line)
-            yield (gr.skip(), current, shown_line, kept)
+            question, current, line, saved_last = save(history, "")[0], history, "", False
+            async for update in stream_reply(slot, history, system_prompt, *sampling, request, replies, sizes):
+                current, line = update
+                saved_last = isinstance(update, streaming.FinalUpdate)
+                if saved_last:
+                    kept, line = save(current, line)
+                yield (sent_now, current, line, kept if saved_last else question)
+                sent_now, question = gr.skip(), UNSAVED
+            if not saved_last:
+                kept, shown_line = save(current, line)
+                yield (sent_now, current, shown_line, kept)
 
         async def send_turn(
             message, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,

@@ -104,6 +104,11 @@ def show_error(e: AppError) -> gr.Error:
     return refuse(str(e), title)
 
 
+class FinalUpdate(tuple):
+    """A reply's last update, (history, stats line): the chat it shows is the reply's end, so the page saves it with
+    this update instead of sending one more (each update is work for the page's one process; issue 14)."""
+
+
 class Replies:
     """The chats with a reply streaming (or accepted and waiting in the queue): a second reply in the same chat is
     refused, and Clear/Undo make the reply end showing what they left, so whatever the page draws last, it draws
@@ -195,7 +200,7 @@ class Replies:
                     yield update
             instead = self.replaced(key)
             if instead is not None:
-                yield instead, ""
+                yield FinalUpdate((instead, ""))
 
 
 def interactive_js(*interactive: bool, ready_banner: str = "") -> str:
@@ -289,7 +294,7 @@ async def stream_into(
     capacity: int = 0,
 ) -> AsyncIterator[tuple[list[dict], str]]:
     """Append an assistant message and fill it from the stream, yielding (history, stats line) at most every
-    ui_interval(active()) seconds; the first text and the end are always sent. Until the first item comes, the
+    ui_interval(active()) seconds; the first text and the end (a FinalUpdate) are always sent. Until the first item comes, the
     stats line says so when the engine is full (`capacity` conversations, 0 = unknown)."""
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
@@ -325,14 +330,14 @@ async def stream_into(
                 text = "(The model returned an empty reply; try Regenerate or a higher temperature.)"
             history[-1] = {"role": "assistant", "content": text}
             stats = format_stats(item)
-            yield history, (notice + " · " if notice else "") + stats
+            yield FinalUpdate((history, (notice + " · " if notice else "") + stats))
             return
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
     history[-1] = {"role": "assistant", "content": text}
-    yield history, notice
+    yield FinalUpdate((history, notice))
 
 
 def count_each(engine: ChatEngine) -> Callable[[list[list[dict]]], list[int]]:
