@@ -74,6 +74,17 @@ def main() -> int:
         streaming.MAX_UI_INTERVAL_S = float(most)
     if os.environ.get("BENCH_COUNT_ONE_BY_ONE"):  # A/B: trimming asks the engine process once per turn, as before
         del process.ProcessEngine.count_tokens_each
+    if os.environ.get("BENCH_EXTRA_UPDATES"):  # A/B: a turn's updates as before round 9 (the question alone first,
+        from ui import chat_tab  # noqa: PLC0415  # and the save after the answer's end, each an update of its own)
+
+        reply = chat_tab.stream_reply
+
+        async def as_before(slot, history, *args):
+            yield history, "…"
+            async for update in reply(slot, history, *args):
+                yield tuple(update)  # not a FinalUpdate: the save follows in an update of its own
+
+        chat_tab.stream_reply = as_before
     if os.environ.get("BENCH_COUNT_EVERY_TURN"):  # A/B: the fit check ignores the engine's counts of earlier prompts
         from ui import prompt_sizes  # noqa: PLC0415
 
