@@ -114,7 +114,8 @@ def py_spy(pid: int, name: str, gil: bool = False) -> subprocess.Popen | None:
 def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
     """Returning users: --runs runs of every user count, interleaved; each run's summary kept."""
     runs: dict[str, list] = {str(n): [] for n in a.users_list}
-    asyncio.run(users_on_pages(URL, 1, 1, 16))  # warm-up
+    # warm-up at the largest batch: the first run at a new batch size was the slowest of every call, app and raw alike
+    asyncio.run(users_on_pages(URL, max(a.users_list), 1, a.new_tokens))
     if a.gradio_profile:
         asyncio.run(phases())  # clears the warm-up's timings
     for run in range(a.runs):

@@ -89,8 +89,8 @@ def main() -> None:
     pipe = pipeline(str(TEXT), backend_config=engine_cfg, log_level="WARNING")
     keep_special_ids(pipe.tokenizer)  # as the app's engine does: like for like
     gen = generation_config(GenSettings(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True))
-    measure(pipe, gen, 1, 1)  # warm-up
     users = [int(x) for x in a.users.split(",") if x]
+    measure(pipe, gen, max(users), 1)  # warm-up at the largest batch, as bench_app warms the app
     runs = {str(n): [] for n in users}
     for _ in range(a.runs):
         for n in users:  # interleaved, so drift over the run touches every user count alike
