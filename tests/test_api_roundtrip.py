@@ -1,0 +1,90 @@
+"""What gradio_client hands back can be handed in again (new-user trial of the API): the image chat's history with
+its picture, user text exactly as sent, the docs' examples as written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from ui.user_text import typed
+
+WEIRD = "a_b *c* <s>x</s> `code` $x$ & \\n\n# not a heading\n    indented"
+
+
+def texts(history):
+    """Each message's text (an image as '[image]'), as a client reads them."""
+    out = []
+    for m in history:
+        parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
+        out.append(" ".join(p if isinstance(p, str) else p.get("text") or "[image]" for p in parts))
+    return out
+
+
+@pytest.fixture
+def picture(tmp_path) -> str:
+    path = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), "red").save(path)
+    return str(path)
+
+
+def test_the_image_chat_takes_back_the_history_it_returned(launched, picture):
+    """/set_image's history went back to /add_question with pydantic's "'meta' field must be explicitly provided":
+    gradio_client downloads the picture and hands back its own path in its place."""
+    url, (_, vision), _ = launched
+    c = Client(url, verbose=False)
+    hist, img = c.predict(handle_file(picture), [], api_name="/set_image")
+    _, hist = c.predict("What is it?", hist, handle_file(img), api_name="/add_question")
+    hist, _ = c.predict(handle_file(img), hist, 0.2, 64, api_name="/image_chat")
+    _, hist = c.predict("And its colour?", hist, handle_file(img), api_name="/add_question")
+    hist, stats = c.predict(handle_file(img), hist, 0.2, 64, api_name="/image_chat")
+    assert [typed(t) for t in texts(hist)] == [
+        "[image]",
+        "What is it?",
+        "I see an image of 40x30 and you asked: What is it?",
+        "And its colour?",
+        "You said: And its colour?",  # the fake engine answers the last message; the picture is on the first
+    ]
+    assert "tokens" in stats
+    assert Image.open(hist[0]["content"][0]["file"]).size == (40, 30)  # still the picture, served again
+    # a new picture on the same chat starts a new topic; the first one stays a picture
+    hist, img2 = c.predict(handle_file(picture), hist, api_name="/set_image")
+    assert texts(hist)[-1] == "[image]" and Image.open(hist[0]["content"][0]["file"]).size == (40, 30)
+    first, *_, last = vision.calls[-1][1]
+    assert first["content"][1]["image"].size == (40, 30) and last["content"] == "And its colour?"
+
+
+def test_a_history_cannot_name_a_server_file(launched, picture):
+    """A file part is the client's own copy of a picture: its path never names a file on the server."""
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    secret = str(Path(__file__).resolve())  # a file the server could read
+    hist = [{"role": "user", "content": [{"type": "file", "file": secret}]}]
+    _, out = c.predict("What is it?", hist, handle_file(picture), api_name="/add_question")
+    for part in out[0]["content"]:
+        if part.get("type") == "file":
+            assert Path(part["file"]).read_bytes() != Path(secret).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [{"role": "user", "content": [{"type": "banana"}]}],
+        [{"content": "hi"}],
+        "not a list",
+    ],
+)
+def test_a_history_that_is_not_a_chat_gets_a_named_refusal(launched, picture, capfd, history):
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    for call in (
+        lambda: c.predict("What is it?", history, handle_file(picture), api_name="/add_question"),
+        lambda: c.predict(history, "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat"),
+    ):
+        with pytest.raises(Exception) as e:
+            call()
+        assert "The history is not a chat" in str(e.value), str(e.value)
+        assert "pydantic" not in str(e.value) and "validation error" not in str(e.value)
+    assert "Traceback" not in capfd.readouterr().err
