@@ -9,8 +9,6 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from ui.user_text import typed
-
 WEIRD = "a_b *c* <s>x</s> `code` $x$ & \\n\n# not a heading\n    indented"
 
 
@@ -21,6 +19,11 @@ def texts(history):
         parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
         out.append(" ".join(p if isinstance(p, str) else p.get("text") or "[image]" for p in parts))
     return out
+
+
+def engine_text(text: str) -> str:
+    """What the engine was sent, less the zero-width spaces that break its special tokens (<s>)."""
+    return text.replace("\u200b", "")
 
 
 @pytest.fixture
@@ -40,7 +43,7 @@ def test_the_image_chat_takes_back_the_history_it_returned(launched, picture):
     hist, _ = c.predict(handle_file(img), hist, 0.2, 64, api_name="/image_chat")
     _, hist = c.predict("And its colour?", hist, handle_file(img), api_name="/add_question")
     hist, stats = c.predict(handle_file(img), hist, 0.2, 64, api_name="/image_chat")
-    assert [typed(t) for t in texts(hist)] == [
+    assert texts(hist) == [
         "[image]",
         "What is it?",
         "I see an image of 40x30 and you asked: What is it?",
@@ -88,3 +91,34 @@ def test_a_history_that_is_not_a_chat_gets_a_named_refusal(launched, picture, ca
         assert "The history is not a chat" in str(e.value), str(e.value)
         assert "pydantic" not in str(e.value) and "validation error" not in str(e.value)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_user_text_comes_back_exactly_as_sent(launched, picture):
+    """User messages came back Markdown-escaped, behind a U+2060: the page's way of showing them literally."""
+    url, (text, vision), _ = launched
+    c = Client(url, verbose=False)
+    _, hist = c.predict(WEIRD, [], api_name="/add_message")
+    assert texts(hist) == [WEIRD]
+    hist, _ = c.predict(hist, "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert texts(hist)[0] == WEIRD and engine_text(text.calls[-1][1][-1]["content"]) == WEIRD
+    assert texts(c.predict(hist, api_name="/regenerate")) == [WEIRD]
+    hist, box, _, _ = c.predict(hist, api_name="/undo")
+    assert hist == [] and box == WEIRD
+    _, saved = c.predict([{"role": "user", "content": WEIRD}], api_name="/stop")
+    assert texts(saved) == [WEIRD]
+    # the image chat too
+    hist, img = c.predict(handle_file(picture), [], api_name="/set_image")
+    _, hist = c.predict(WEIRD, hist, handle_file(img), api_name="/add_question")
+    assert texts(hist)[1] == WEIRD
+    hist, _ = c.predict(handle_file(img), hist, 0.2, 64, api_name="/image_chat")
+    assert texts(hist)[1] == WEIRD
+    assert engine_text(vision.calls[-1][1][-1]["content"][0]["text"]) == WEIRD
+
+
+def test_histories_the_api_returned_before_still_read_as_typed(launched):
+    """Earlier clients were told to send user messages back as they came (escaped, marked): still taken as typed."""
+    url, (text, _), _ = launched
+    c = Client(url, verbose=False)
+    old = [{"role": "user", "content": "\u2060a\\_b \\*c\\*"}]
+    hist, _ = c.predict(old, "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert texts(hist)[0] == "a_b *c*" and text.calls[-1][1][-1]["content"] == "a_b *c*"

@@ -516,6 +516,33 @@ def test_user_text_shows_literally_and_never_runs(page):
     assert pg.evaluate("window.__pwned") is None
 
 
+def test_the_page_still_shows_user_text_literally_where_api_clients_get_it_as_typed(page, tmp_path):
+    """Undo and the image chat's steps are API endpoints too, which give API clients user text as typed; the page
+    itself still gets it held to show literally."""
+    from PIL import Image
+
+    pg = page
+    text = "<s>x</s> **not bold** `x`"
+    for message in (text, "second"):
+        type_and_enter(pg, message)
+        wait_enabled(pg, "#chat-send")
+    pg.click("#chat-undo")
+    pg.wait_for_function("document.querySelectorAll('#chatbot .user-row').length === 1")
+    user = pg.locator("#chatbot .message-row.user-row").last
+    assert user.inner_text().replace("\u2060", "").strip() == text
+    assert user.locator("s, strong, code").count() == 0
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(img)
+    pg.get_by_role("tab", name="Image chat").click()
+    pg.locator("#image-input input[type=file]").set_input_files(str(img))
+    pg.wait_for_selector("#image-chatbot img")
+    type_and_enter(pg, text, "#image-question textarea")
+    page_has(pg, "I see an image of 64x48", "#image-chatbot")
+    user = pg.locator("#image-chatbot .message-row.user-row").last
+    assert user.inner_text().replace("\u2060", "").strip() == text
+    assert user.locator("s, strong, code").count() == 0
+
+
 # ---- images (issue 12 item 6, issue 13) ----
 
 

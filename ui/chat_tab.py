@@ -16,7 +16,7 @@ import orjson
 from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.chatbot import lenient_chatbot
+from ui.chatbot import for_caller, lenient_chatbot
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
 from ui.prompt_sizes import PromptSizes
@@ -214,15 +214,18 @@ def build_chat_tab(
 
         def accept(message, history, request: gr.Request):
             replies.check(key(request))
-            out = add_user_message(message, history)
+            box, history = add_user_message(message, history)
             replies.accepted(key(request), later=True)  # the API's step: its reply is the script's /chat
-            return out
+            return box, for_caller(history, request)
 
         def regenerate(history, request: gr.Request, later: bool = True):
             replies.check(key(request))
             out = drop_last_reply(history)
             replies.accepted(key(request), later=later)
             return out
+
+        def regenerate_step(history, request: gr.Request):
+            return for_caller(regenerate(history, request), request)
 
         def edited(history, edit: gr.EditData, request: gr.Request):
             replies.check(key(request))
@@ -237,12 +240,12 @@ def build_chat_tab(
                 slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
                 request, replies, sizes,
             ):  # fmt: skip
-                yield update
+                yield for_caller(update[0], request), update[1]
 
         async def stop_this(history, request: gr.Request):
             note = await streaming.stop_reply(slot, request, TAB, replies)
             kept, dropped = fit_for_browser(clean_history(history))
-            return note, kept
+            return note, for_caller(kept, request)
 
         async def end_reply_with(history, request: gr.Request) -> None:
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
@@ -254,7 +257,7 @@ def build_chat_tab(
         async def undo_this(history, request: gr.Request):
             history, text = undo_last_turn(history)
             await end_reply_with(history, request)
-            return history, text, fit_for_browser(history)[0], ""
+            return for_caller(history, request), text, for_caller(fit_for_browser(history)[0], request), ""
 
         async def clear_this(request: gr.Request):
             await end_reply_with([], request)
@@ -387,7 +390,7 @@ def build_chat_tab(
         # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply
         api_only = gr.Button(visible=False)
         api_only.click(accept, [msg, chatbot], [msg, chatbot], api_name="add_message", **ui)
-        api_only.click(regenerate, chatbot, chatbot, api_name="regenerate", **ui)
+        api_only.click(regenerate_step, chatbot, chatbot, api_name="regenerate", **ui)
         running.append(
             api_only.click(
                 reply,

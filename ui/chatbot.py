@@ -9,6 +9,9 @@ send the image chat's history back. That path is the client's, never read on the
 picture the server sent, under a path that names no file (`CLIENT_COPY`), until the tab finds its own (image_tab).
 
 Anything else that is not a chat is refused with a named error, not pydantic's report and a traceback.
+
+The chat holds user messages escaped, so that the page shows them literally (ui.user_text); that is the page's
+business. Every other caller gets them as typed (`for_caller`), and may send either back.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pydantic import ValidationError
 
 from model_loader.errors import BadInput
 from ui.streaming import show_error
+from ui.user_text import typed_history
 
+PAGE = "app"  # the x-gradio-user header of Gradio's own page; gradio_client and @gradio/client send "api"
 CLIENT_COPY = "/nonexistent/client-copy/"  # never a file: Gradio cannot serve it if it went out unreplaced
 SHAPE = (
     'each message {"role": "user" or "assistant", "content": text, or a list of {"type": "text", "text": ...} '
@@ -90,3 +95,27 @@ def lenient_chatbot(files: bool = False, **kwargs) -> gr.Chatbot:
     chatbot = gr.Chatbot(**kwargs)
     chatbot.data_model = MessagesWithPictures if files else Messages
     return chatbot
+
+
+def from_page(request) -> bool:
+    """The event comes from Gradio's own page (its requests say so in a header), not from an API client."""
+    try:
+        headers = dict(getattr(request, "headers", None) or {})
+    except (TypeError, ValueError):
+        return False
+    return any(k.lower() == "x-gradio-user" and v == PAGE for k, v in headers.items())
+
+
+def as_typed(history: list[dict]) -> list[dict]:
+    """User text as typed; plain-text content as a text part, which Gradio sends as it is (it strips the
+    indentation of plain-text content, with inspect.cleandoc)."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in typed_history(history)
+    ]
+
+
+def for_caller(history, request):
+    """The chat as this caller gets it: as the chat holds it for the page, with user text as typed for everyone
+    else (an update, gr.skip(), passes as it is)."""
+    return history if not isinstance(history, list) or from_page(request) else as_typed(history)

@@ -17,7 +17,7 @@ from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.chatbot import client_copy, lenient_chatbot
+from ui.chatbot import client_copy, for_caller, lenient_chatbot
 from ui.conversation import is_image_message, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
@@ -191,22 +191,23 @@ def build_image_tab(
 
         def on_upload(image, history, request: gr.Request):
             replies.check(key(request))
-            return prepare_image(image, history, max_pixels, scratch, session(request))
+            history, preview = prepare_image(image, history, max_pixels, scratch, session(request))
+            return for_caller(history, request), preview
 
         def own(history, image, request: gr.Request) -> list[dict]:
             return own_pictures(clean_history(history), image, scratch.folder(session(request)))
 
         def accept(question, history, image, request: gr.Request):
             replies.check(key(request))
-            out = add_question(question, own(history, image, request), image)
+            box, history = add_question(question, own(history, image, request), image)
             replies.accepted(key(request))  # the page asks at once; a Clear before its reply starts is kept for it
-            return out
+            return box, for_caller(history, request)
 
         async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             history = own(history, image, request)
-            async for update in stream_image_reply(slot, max_pixels, shrunk, replies, image, history, sampling, request):
-                yield update
+            async for held, line in stream_image_reply(slot, max_pixels, shrunk, replies, image, history, sampling, request):
+                yield for_caller(held, request), line
 
         async def stop_this(request: gr.Request) -> str:
             return await streaming.stop_reply(slot, request, TAB, replies)
