@@ -122,3 +122,47 @@ def test_histories_the_api_returned_before_still_read_as_typed(launched):
     old = [{"role": "user", "content": "\u2060a\\_b \\*c\\*"}]
     hist, _ = c.predict(old, "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
     assert texts(hist)[0] == "a_b *c*" and text.calls[-1][1][-1]["content"] == "a_b *c*"
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def snippets(path: Path) -> list[str]:
+    """The Python blocks of a Markdown file that call the API."""
+    blocks = path.read_text(encoding="utf-8").split("```python\n")[1:]
+    return [b.split("\n```", 1)[0] for b in blocks if "gradio_client" in b]
+
+
+def test_the_docs_api_example_runs_and_keeps_the_default_system_prompt(launched, picture, monkeypatch, tmp_path):
+    """docs/design.md passed "" as the system prompt, which leaves InternLM2 without the page's system prompt: a
+    copy-paste must give the default behaviour."""
+    from ui.chat_tab import DEFAULT_SYSTEM
+
+    url, (text, vision), _ = launched
+    (code,) = snippets(DOCS / "design.md")
+    Image.open(picture).save(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:7860/", url), "docs/design.md", "exec"), {})
+    assert len(text.calls) == 2 and vision.calls
+    for _, messages, _ in text.calls:
+        assert messages[0] == {"role": "system", "content": DEFAULT_SYSTEM}
+
+
+def test_each_sampling_setting_is_named_in_the_api(launched):
+    """/chat and /image_chat take their settings in different orders (kept, for the scripts written against them);
+    each is named, so a script can pass them by name."""
+    url, _, _ = launched
+    api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {route: [p["parameter_name"] for p in api[route]["parameters"]] for route in ("/chat", "/image_chat")}
+    settings = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"]
+    assert names["/chat"] == ["history", "system_prompt", *settings]
+    assert names["/image_chat"] == [
+        "image",
+        "history",
+        "temperature",
+        "max_new_tokens",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+    ]
