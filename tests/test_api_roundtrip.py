@@ -124,6 +124,15 @@ def test_histories_the_api_returned_before_still_read_as_typed(launched):
     assert texts(hist)[0] == "a_b *c*" and text.calls[-1][1][-1]["content"] == "a_b *c*"
 
 
+def test_an_empty_chat_has_nothing_to_export(launched):
+    """An empty chat exported a 15-byte file ("# Conversation")."""
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    for route in ("/export_markdown", "/export_json"):
+        with pytest.raises(Exception, match="nothing to download"):
+            c.predict([], api_name=route)
+
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 

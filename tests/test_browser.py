@@ -343,6 +343,36 @@ def test_closing_the_tab_removes_its_files(app, browser, engines, tmp_path):
     assert not any(d.exists() for d in session_dirs), "the closed tab's files are still there"
 
 
+def test_one_click_downloads_the_chat_and_an_empty_chat_offers_none(page):
+    """The export took two clicks (write the file, then its link) and an empty chat gave a 15-byte file (new-user
+    trial)."""
+    pg = page
+    pg.get_by_text("Download conversation").click()
+    md = pg.get_by_role("button", name="Markdown", exact=True)
+    js = pg.get_by_role("button", name="JSON", exact=True)
+    assert md.is_disabled() and js.is_disabled()
+    type_and_enter(pg, "keep me too")
+    page_has(pg, "You said: keep me too", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    with pg.expect_download() as got:
+        md.click()
+    body = Path(got.value.path()).read_text(encoding="utf-8")
+    assert "keep me too" in body and "You said: keep me too" in body
+    with pg.expect_download() as got:
+        js.click()
+    assert '"content": "keep me too"' in Path(got.value.path()).read_text(encoding="utf-8")
+    pg.reload()  # the chat kept in the browser comes back, and can be downloaded
+    ready(pg)
+    pg.get_by_text("Download conversation").click()
+    page_has(pg, "You said: keep me too", "#chatbot")
+    pg.wait_for_function(
+        "[...document.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Markdown')[0]?.disabled === false"
+    )
+    pg.click("#chat-clear")
+    pg.wait_for_function("document.querySelectorAll('#chatbot .user-row').length === 0")
+    pg.wait_for_function("[...document.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Markdown')[0].disabled")
+
+
 # ---- what the user sees of text and errors (issue 12 items 5 and 7) ----
 
 

@@ -38,6 +38,23 @@ TAB = "text"
 # Chromium gives an origin about 5 M characters; past that saving fails silently (QuotaExceededError).
 SAVE_BUDGET_BYTES = 2_500_000
 EMPTY = "Please type a message first."
+NOTHING_TO_EXPORT = "There is nothing to download yet: the chat is empty."
+# the written file downloads at once (the File's link would be a second click); a DownloadButton downloads the file
+# it holds when clicked, before its own event could write the chat as it is now
+DOWNLOAD_JS = """(file) => {
+  if (!file?.url) return;
+  const a = document.createElement("a");
+  a.href = file.url;
+  a.download = file.orig_name || "";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}"""
+# the export buttons are on only while the chat has a message, in the page alone
+HAS_MESSAGES_JS = """(history) => {
+  const on = Array.isArray(history) && history.length > 0;
+  return [{__type__: "update", interactive: on}, {__type__: "update", interactive: on}];
+}"""
 
 
 def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
@@ -205,8 +222,8 @@ def build_chat_tab(
             temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
         with gr.Accordion(i18n("export"), open=False):
             with gr.Row():
-                export_md = gr.Button(i18n("export_md"), size="sm")
-                export_json = gr.Button(i18n("export_json"), size="sm")
+                export_md = gr.Button(i18n("export_md"), size="sm", interactive=False)  # on once the chat has a message
+                export_json = gr.Button(i18n("export_json"), size="sm", interactive=False)
             export_file = gr.File(label=i18n("export"), interactive=False)
 
         def key(request: gr.Request) -> str:
@@ -269,7 +286,10 @@ def build_chat_tab(
 
         def export(history, fmt, request):
             session = getattr(request, "session_hash", None) or "anonymous"
-            return streaming.export_file(typed_history(clean_history(history)), fmt, scratch, session)
+            history = typed_history(clean_history(history))
+            if not history:
+                raise streaming.refuse(NOTHING_TO_EXPORT, "Nothing to download")
+            return streaming.export_file(history, fmt, scratch, session)
 
         def export_markdown(history, request: gr.Request):
             return export(history, "md", request)
@@ -408,8 +428,13 @@ def build_chat_tab(
         # message can still land after theirs in the page)
         gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)
         gr.on([clear.click, chatbot.clear], clear_this, None, [chatbot, stats, saved], api_name="clear", **ui)
-        export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
-        export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
+        for button, write, name in (
+            (export_md, export_markdown, "export_markdown"),
+            (export_json, export_json_file, "export_json"),
+        ):
+            written = button.click(write, chatbot, export_file, api_name=name, **ui)
+            written.success(None, export_file, None, js=DOWNLOAD_JS, api_visibility="private", queue=False)
+        chatbot.change(None, chatbot, [export_md, export_json], js=HAS_MESSAGES_JS, api_visibility="private", queue=False)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
     tab.regen, tab.settings, tab.kept_settings, tab.stats = regen, settings, kept_settings, stats
     tab.settings_panel = settings_panel
