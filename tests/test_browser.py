@@ -343,6 +343,36 @@ def test_closing_the_tab_removes_its_files(app, browser, engines, tmp_path):
     assert not any(d.exists() for d in session_dirs), "the closed tab's files are still there"
 
 
+def test_one_click_downloads_the_chat_and_an_empty_chat_offers_none(page):
+    """The export took two clicks (write the file, then its link) and an empty chat gave a 15-byte file (new-user
+    trial)."""
+    pg = page
+    pg.get_by_text("Download conversation").click()
+    md = pg.get_by_role("button", name="Markdown", exact=True)
+    js = pg.get_by_role("button", name="JSON", exact=True)
+    assert md.is_disabled() and js.is_disabled()
+    type_and_enter(pg, "keep me too")
+    page_has(pg, "You said: keep me too", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    with pg.expect_download() as got:
+        md.click()
+    body = Path(got.value.path()).read_text(encoding="utf-8")
+    assert "keep me too" in body and "You said: keep me too" in body
+    with pg.expect_download() as got:
+        js.click()
+    assert '"content": "keep me too"' in Path(got.value.path()).read_text(encoding="utf-8")
+    pg.reload()  # the chat kept in the browser comes back, and can be downloaded
+    ready(pg)
+    pg.get_by_text("Download conversation").click()
+    page_has(pg, "You said: keep me too", "#chatbot")
+    pg.wait_for_function(
+        "[...document.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Markdown')[0]?.disabled === false"
+    )
+    pg.click("#chat-clear")
+    pg.wait_for_function("document.querySelectorAll('#chatbot .user-row').length === 0")
+    pg.wait_for_function("[...document.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Markdown')[0].disabled")
+
+
 # ---- what the user sees of text and errors (issue 12 items 5 and 7) ----
 
 
@@ -514,6 +544,33 @@ def test_user_text_shows_literally_and_never_runs(page):
         assert user.inner_text().replace("\u2060", "").strip() == text  # an invisible mark says "escaped"
         assert user.locator("s, strong, code, h1, img, script").count() == 0
     assert pg.evaluate("window.__pwned") is None
+
+
+def test_the_page_still_shows_user_text_literally_where_api_clients_get_it_as_typed(page, tmp_path):
+    """Undo and the image chat's steps are API endpoints too, which give API clients user text as typed; the page
+    itself still gets it held to show literally."""
+    from PIL import Image
+
+    pg = page
+    text = "<s>x</s> **not bold** `x`"
+    for message in (text, "second"):
+        type_and_enter(pg, message)
+        wait_enabled(pg, "#chat-send")
+    pg.click("#chat-undo")
+    pg.wait_for_function("document.querySelectorAll('#chatbot .user-row').length === 1")
+    user = pg.locator("#chatbot .message-row.user-row").last
+    assert user.inner_text().replace("\u2060", "").strip() == text
+    assert user.locator("s, strong, code").count() == 0
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(img)
+    pg.get_by_role("tab", name="Image chat").click()
+    pg.locator("#image-input input[type=file]").set_input_files(str(img))
+    pg.wait_for_selector("#image-chatbot img")
+    type_and_enter(pg, text, "#image-question textarea")
+    page_has(pg, "I see an image of 64x48", "#image-chatbot")
+    user = pg.locator("#image-chatbot .message-row.user-row").last
+    assert user.inner_text().replace("\u2060", "").strip() == text
+    assert user.locator("s, strong, code").count() == 0
 
 
 # ---- images (issue 12 item 6, issue 13) ----

@@ -16,7 +16,7 @@ import orjson
 from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.chatbot import lenient_chatbot
+from ui.chatbot import for_caller, lenient_chatbot
 from ui.conversation import text_of, to_engine_messages
 from ui.files import Scratch
 from ui.prompt_sizes import PromptSizes
@@ -38,6 +38,23 @@ TAB = "text"
 # Chromium gives an origin about 5 M characters; past that saving fails silently (QuotaExceededError).
 SAVE_BUDGET_BYTES = 2_500_000
 EMPTY = "Please type a message first."
+NOTHING_TO_EXPORT = "There is nothing to download yet: the chat is empty."
+# the written file downloads at once (the File's link would be a second click); a DownloadButton downloads the file
+# it holds when clicked, before its own event could write the chat as it is now
+DOWNLOAD_JS = """(file) => {
+  if (!file?.url) return;
+  const a = document.createElement("a");
+  a.href = file.url;
+  a.download = file.orig_name || "";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}"""
+# the export buttons are on only while the chat has a message, in the page alone
+HAS_MESSAGES_JS = """(history) => {
+  const on = Array.isArray(history) && history.length > 0;
+  return [{__type__: "update", interactive: on}, {__type__: "update", interactive: on}];
+}"""
 
 
 def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
@@ -205,8 +222,8 @@ def build_chat_tab(
             temperature, top_p, top_k, max_new, rep, seed = streaming.sampling_sliders(i18n, GenSettings(), 4096)
         with gr.Accordion(i18n("export"), open=False):
             with gr.Row():
-                export_md = gr.Button(i18n("export_md"), size="sm")
-                export_json = gr.Button(i18n("export_json"), size="sm")
+                export_md = gr.Button(i18n("export_md"), size="sm", interactive=False)  # on once the chat has a message
+                export_json = gr.Button(i18n("export_json"), size="sm", interactive=False)
             export_file = gr.File(label=i18n("export"), interactive=False)
 
         def key(request: gr.Request) -> str:
@@ -214,15 +231,18 @@ def build_chat_tab(
 
         def accept(message, history, request: gr.Request):
             replies.check(key(request))
-            out = add_user_message(message, history)
+            box, history = add_user_message(message, history)
             replies.accepted(key(request), later=True)  # the API's step: its reply is the script's /chat
-            return out
+            return box, for_caller(history, request)
 
         def regenerate(history, request: gr.Request, later: bool = True):
             replies.check(key(request))
             out = drop_last_reply(history)
             replies.accepted(key(request), later=later)
             return out
+
+        def regenerate_step(history, request: gr.Request):
+            return for_caller(regenerate(history, request), request)
 
         def edited(history, edit: gr.EditData, request: gr.Request):
             replies.check(key(request))
@@ -237,12 +257,12 @@ def build_chat_tab(
                 slot, history, system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
                 request, replies, sizes,
             ):  # fmt: skip
-                yield update
+                yield for_caller(update[0], request), update[1]
 
         async def stop_this(history, request: gr.Request):
             note = await streaming.stop_reply(slot, request, TAB, replies)
             kept, dropped = fit_for_browser(clean_history(history))
-            return note, kept
+            return note, for_caller(kept, request)
 
         async def end_reply_with(history, request: gr.Request) -> None:
             """A running or waiting reply stops and ends showing `history`, so that it cannot repaint the chat."""
@@ -254,7 +274,7 @@ def build_chat_tab(
         async def undo_this(history, request: gr.Request):
             history, text = undo_last_turn(history)
             await end_reply_with(history, request)
-            return history, text, fit_for_browser(history)[0], ""
+            return for_caller(history, request), text, for_caller(fit_for_browser(history)[0], request), ""
 
         async def clear_this(request: gr.Request):
             await end_reply_with([], request)
@@ -266,7 +286,10 @@ def build_chat_tab(
 
         def export(history, fmt, request):
             session = getattr(request, "session_hash", None) or "anonymous"
-            return streaming.export_file(typed_history(clean_history(history)), fmt, scratch, session)
+            history = typed_history(clean_history(history))
+            if not history:
+                raise streaming.refuse(NOTHING_TO_EXPORT, "Nothing to download")
+            return streaming.export_file(history, fmt, scratch, session)
 
         def export_markdown(history, request: gr.Request):
             return export(history, "md", request)
@@ -393,7 +416,7 @@ def build_chat_tab(
         # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply
         api_only = gr.Button(visible=False)
         api_only.click(accept, [msg, chatbot], [msg, chatbot], api_name="add_message", **ui)
-        api_only.click(regenerate, chatbot, chatbot, api_name="regenerate", **ui)
+        api_only.click(regenerate_step, chatbot, chatbot, api_name="regenerate", **ui)
         running.append(
             api_only.click(
                 reply,
@@ -411,8 +434,13 @@ def build_chat_tab(
         # message can still land after theirs in the page)
         gr.on([undo.click, chatbot.undo], undo_this, chatbot, [chatbot, msg, saved, stats], api_name="undo", **ui)
         gr.on([clear.click, chatbot.clear], clear_this, None, [chatbot, stats, saved], api_name="clear", **ui)
-        export_md.click(export_markdown, chatbot, export_file, api_name="export_markdown", **ui)
-        export_json.click(export_json_file, chatbot, export_file, api_name="export_json", **ui)
+        for button, write, name in (
+            (export_md, export_markdown, "export_markdown"),
+            (export_json, export_json_file, "export_json"),
+        ):
+            written = button.click(write, chatbot, export_file, api_name=name, **ui)
+            written.success(None, export_file, None, js=DOWNLOAD_JS, api_visibility="private", queue=False)
+        chatbot.change(None, chatbot, [export_md, export_json], js=HAS_MESSAGES_JS, api_visibility="private", queue=False)
     tab.chatbot, tab.status, tab.send, tab.stop, tab.msg, tab.saved = chatbot, status, send, stop, msg, saved
     tab.regen, tab.settings, tab.kept_settings, tab.stats = regen, settings, kept_settings, stats
     tab.settings_panel = settings_panel

@@ -11,12 +11,13 @@ import asyncio
 from pathlib import Path
 
 import gradio as gr
+from gradio_client.utils import strip_invalid_filename_characters
 
 from model_loader.engines.seam import GenSettings
 from model_loader.engines.slot import EngineSlot
 from model_loader.errors import BadInput
 from ui import streaming
-from ui.chatbot import lenient_chatbot
+from ui.chatbot import client_copy, for_caller, lenient_chatbot
 from ui.conversation import is_image_message, to_vision_messages
 from ui.example_images import write_examples
 from ui.files import Scratch
@@ -34,9 +35,35 @@ def path_of(image) -> str | None:
     return image or None
 
 
+def own_pictures(history: list[dict], image, folder: Path) -> list[dict]:
+    """The pictures a client sent back as its own copies (ui.chatbot) as this server's files: the picture of that
+    name this session was sent, else, for the chat's last picture, the image being asked about. One the server no
+    longer has stays in the chat as its name (it only marks where an earlier topic began)."""
+    if not any(client_copy(p) for m in history if isinstance(m.get("content"), list) for p in m["content"]):
+        return history
+    pictures = sorted(folder.glob("*/*.png"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
+    sent = {strip_invalid_filename_characters(f.name): str(f) for f in pictures}  # the newest of a name wins
+    last = max((i for i, m in enumerate(history) if is_image_message(m)), default=-1)
+    current = path_of(image)
+
+    def own(part, i: int):
+        name = client_copy(part)
+        if name is None:
+            return part
+        path = sent.get(name) or (current if i == last else None)
+        if path is None:
+            return {"type": "text", "text": f"[{name}]"}
+        return {"type": "file", "file": {"path": path, "mime_type": "image/png", "meta": {"_type": "gradio.FileData"}}}
+
+    return [
+        {**m, "content": [own(p, i) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+        for i, m in enumerate(history)
+    ]
+
+
 def prepare_image(image, history: list[dict], max_pixels: int, scratch: Scratch, session: str) -> tuple[list[dict], str | None]:
     """A new image starts a new topic in the conversation; non-images and bombs get a clear message."""
-    history = clean_history(history)
+    history = own_pictures(clean_history(history), None, scratch.folder(session))
     path = path_of(image)
     if not path:
         return history, None
@@ -121,6 +148,7 @@ def build_image_tab(
                 )
             with gr.Column(scale=3, min_width=280):
                 chatbot = lenient_chatbot(
+                    files=True,
                     label="history",
                     show_label=False,
                     elem_id="image-chatbot",
@@ -163,18 +191,23 @@ def build_image_tab(
 
         def on_upload(image, history, request: gr.Request):
             replies.check(key(request))
-            return prepare_image(image, history, max_pixels, scratch, session(request))
+            history, preview = prepare_image(image, history, max_pixels, scratch, session(request))
+            return for_caller(history, request), preview
+
+        def own(history, image, request: gr.Request) -> list[dict]:
+            return own_pictures(clean_history(history), image, scratch.folder(session(request)))
 
         def accept(question, history, image, request: gr.Request):
             replies.check(key(request))
-            out = add_question(question, history, image)
+            box, history = add_question(question, own(history, image, request), image)
             replies.accepted(key(request))  # the page asks at once; a Clear before its reply starts is kept for it
-            return out
+            return box, for_caller(history, request)
 
         async def reply(image, history, temperature, max_new_tokens, top_p, top_k, repetition_penalty, seed, request: gr.Request):
             sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in stream_image_reply(slot, max_pixels, shrunk, replies, image, history, sampling, request):
-                yield update
+            history = own(history, image, request)
+            async for held, line in stream_image_reply(slot, max_pixels, shrunk, replies, image, history, sampling, request):
+                yield for_caller(held, request), line
 
         async def stop_this(request: gr.Request) -> str:
             return await streaming.stop_reply(slot, request, TAB, replies)
