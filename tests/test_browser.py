@@ -713,3 +713,50 @@ def test_an_open_page_sees_the_engines_restart_with_the_engine_process(browser, 
             wait_enabled(pg, "#chat-send")
     finally:
         demo.close()
+
+
+def test_a_restarted_server_gives_the_page_its_kept_chat_and_settings_back(browser, engines):
+    """The browser keeps the chat and its settings encrypted with a key the server hands the page. Gradio draws that
+    key at random whenever the app is built, so after a server restart no kept chat could be read: a reload showed
+    an empty chat in every tab, and wrote the empty chat over the kept one (new-user trial: "a reload lost the whole
+    conversation, in both tabs"; the console said "Error reading from localStorage")."""
+    from ui.page import build_demo, launch_kwargs
+
+    text, vision = engines
+
+    def launch(port=None):
+        st = fake_startup(text, vision, host="127.0.0.1")
+        demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+        _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), **TEST_LAUNCH, "server_port": port})
+        return demo, url
+
+    demo, url = launch()
+    try:
+        with new_page(browser, url) as pg:
+            errors = []
+            pg.on("console", lambda m: errors.append(m.text) if "localStorage" in m.text else None)
+            ready(pg)
+            pg.get_by_text("Settings").first.click()
+            pg.locator("#chat-system textarea").fill("You answer like a pirate.")
+            pg.locator("#chat-system textarea").blur()
+            type_and_enter(pg, "keep me across a restart")
+            page_has(pg, "You said: keep me across a restart", "#chatbot")
+            wait_enabled(pg, "#chat-send")
+            second = pg.context.new_page()  # a second tab with its own chat
+            second.goto(url)
+            ready(second)
+            second.locator("#chat-clear").click()
+            type_and_enter(second, "the other tab's chat")
+            page_has(second, "You said: the other tab's chat", "#chatbot")
+            wait_enabled(second, "#chat-send")
+            demo.close()
+            demo, _ = launch(int(url.rstrip("/").rsplit(":", 1)[1]))  # the same origin: the same storage
+            for tab, kept in ((pg, "keep me across a restart"), (second, "the other tab's chat")):
+                tab.reload()
+                ready(tab)
+                page_has(tab, f"You said: {kept}", "#chatbot")
+            pg.get_by_text("Settings").first.click()
+            assert pg.locator("#chat-system textarea").input_value() == "You answer like a pirate."
+            assert not errors, errors
+    finally:
+        demo.close()

@@ -38,6 +38,10 @@ TAB = "text"
 # Chromium gives an origin about 5 M characters; past that saving fails silently (QuotaExceededError).
 SAVE_BUDGET_BYTES = 2_500_000
 EMPTY = "Please type a message first."
+# What the browser's kept values (the chat, its settings) are encrypted with. Gradio hands it to the page in its
+# config, so it hides nothing from the page's own user; Gradio's default, drawn at random as the app is built, made
+# every kept chat unreadable after a server restart (new-user trial: a reload lost the conversation in every tab).
+BROWSER_SECRET = "internlm2-llava-chat"
 
 
 def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
@@ -276,7 +280,7 @@ def build_chat_tab(
 
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
         # the settings are kept in the browser as they change, in the page alone (ui/page.py puts them back at load)
-        kept_settings = gr.BrowserState(None, storage_key="internlm2-chat-settings")
+        kept_settings = gr.BrowserState(None, storage_key="internlm2-chat-settings", secret=BROWSER_SECRET)
         keep = "(...values) => [values]"
         gr.on([c.change for c in settings], None, settings, kept_settings, js=keep, api_visibility="private", queue=False)
         buttons = [send, stop, regen]

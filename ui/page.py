@@ -14,7 +14,7 @@ import gradio as gr
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.chat_tab import build_chat_tab
+from ui.chat_tab import BROWSER_SECRET, build_chat_tab
 from ui.files import Scratch
 from ui.i18n import build_i18n, server_text
 from ui.image_tab import build_image_tab
@@ -301,7 +301,7 @@ def build_demo(
     # Gradio's own cache (uploads, files returned to the page): files older than a day go, checked hourly
     with gr.Blocks(title="InternLM2 & LLaVA Chat", delete_cache=(3600, 86400)) as demo:
         header = gr.HTML(header_html(slots, cfg), elem_id="header")
-        saved = gr.BrowserState([], storage_key=CHAT_KEY)
+        saved = gr.BrowserState([], storage_key=CHAT_KEY, secret=BROWSER_SECRET)
         known = gr.State(None)  # the engine readiness this page last saw
         with gr.Tabs():
             with gr.Tab(i18n("chat"), id="chat") as chat_page:
