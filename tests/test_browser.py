@@ -215,6 +215,63 @@ def test_shift_enter_adds_a_line_and_enter_waits_while_a_reply_streams(page, eng
     page_has(pg, "You said: impatient", "#chatbot")
 
 
+def test_enter_while_a_reply_streams_keeps_the_message_and_says_why(app, browser, engines):
+    """Enter while a reply streams sends nothing; the message stays in the box and a note under it says why and
+    what to do, in the browser's language (new-user trial: nothing happened and nothing said why). The note goes
+    once the reply has ended."""
+    text, _ = engines
+    for locale, words in (("en-US", "Wait for the reply to finish, or press Stop"), ("zh-CN", "请等待回答完成")):
+        with new_page(browser, app[0], locale=locale) as pg:
+            ready(pg)
+            note = pg.locator("#chat-busy-note")
+            assert not note.is_visible()
+            long_reply(text, words=80)
+            type_and_enter(pg, "first")
+            page_has(pg, "word2", "#chatbot")
+            type_and_enter(pg, "impatient")
+            note.wait_for(state="visible")
+            assert words in note.inner_text()
+            assert pg.input_value("#chat-input textarea") == "impatient"
+            box, shown = pg.locator("#chat-input textarea").bounding_box(), note.bounding_box()
+            assert abs(shown["y"] - (box["y"] + box["height"])) < 80, "the note is not by the message box"
+            wait_enabled(pg, "#chat-send")
+            note.wait_for(state="hidden")
+            assert pg.input_value("#chat-input textarea") == "impatient"
+
+
+OVERLAPS = """() => {
+  const bar = document.querySelector('#chatbot .top-panel'), area = document.querySelector('#chatbot .bubble-wrap');
+  const t = bar.getBoundingClientRect(), a = area.getBoundingClientRect();
+  const hits = [];
+  for (const el of document.querySelectorAll('#chatbot .message, #chatbot button, #chatbot textarea')) {
+    if (bar.contains(el)) continue;
+    const r = el.getBoundingClientRect(), top = Math.max(r.top, a.top), bottom = Math.min(r.bottom, a.bottom);
+    if (r.width && top < t.bottom && bottom > t.top && r.left < t.right && r.right > t.left)
+      hits.push(el.getAttribute('aria-label') || el.className);
+  }
+  return hits;
+}"""
+
+
+def test_the_chats_toolbar_covers_no_message_or_its_buttons(app, browser, engines):
+    """Gradio's Clear and Copy-conversation icons float over the top right of the chat, and messages scrolled up
+    (the chat follows the newest) passed under them, the first message's own icons too (new-user trial). The icons
+    now sit above the scrolled area, at a laptop's size and a phone's."""
+    for size in (LAPTOP, PHONE):
+        with new_page(browser, app[0], *size) as pg:
+            ready(pg)
+            for i in range(3):
+                type_and_enter(pg, f"message {i} " + "words " * 60)
+                page_has(pg, f"You said: message {i}", "#chatbot")
+                wait_enabled(pg, "#chat-send")
+            for where, y in (("bottom", 10**6), ("top", 0)):
+                pg.evaluate("y => document.querySelector('#chatbot .bubble-wrap').scrollTo(0, y)", y)
+                pg.locator("#chatbot .message").first.hover()
+                assert pg.evaluate(OVERLAPS) == [], f"{size}, scrolled to the {where}"
+            chat, area = pg.locator("#chatbot").bounding_box(), pg.locator("#chatbot .bubble-wrap").bounding_box()
+            assert area["y"] + area["height"] <= chat["y"] + chat["height"] + 1, "the messages run out of the chat"
+
+
 def test_one_press_of_enter_is_one_server_event(page):
     """A turn costs the server one queued event (join + its stream), not a chain of checks, saves and unlocks:
     at 32 users each extra request sat in the burst at every turn's start (issue 14)."""

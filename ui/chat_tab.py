@@ -189,6 +189,8 @@ def build_chat_tab(
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
         )
         stats = streaming.stats_line("chat-stats")
+        # shown over the box by the page when Enter is pressed while a reply streams (ui/page.py, ENTER_GUARD)
+        gr.Markdown(i18n("busy_enter"), elem_id="chat-busy-note")
         with gr.Row(elem_id="chat-compose", equal_height=True):
             msg = streaming.message_box("message", i18n("message_ph"), 10, "chat-input", autofocus=True)
             with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
