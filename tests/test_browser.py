@@ -239,6 +239,34 @@ def test_enter_while_a_reply_streams_keeps_the_message_and_says_why(app, browser
             assert pg.input_value("#chat-input textarea") == "impatient"
 
 
+def test_after_sending_the_box_has_the_focus_and_a_refused_blank_message_is_cleared(page, engines):
+    """The next message can be typed at once after Send or Enter (new-user trial: a click on Send left the focus on
+    the button); a message of spaces alone is refused and leaves the box empty, not full of spaces."""
+    pg = page
+    box = "#chat-input textarea"
+    focused = "() => document.activeElement === document.querySelector('#chat-input textarea')"
+    pg.fill(box, "sent with the button")
+    pg.click("#chat-send")
+    page_has(pg, "You said: sent with the button", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    assert pg.evaluate(focused), "Send kept the focus"
+    pg.keyboard.type("typed at once")
+    assert pg.input_value(box) == "typed at once"
+    pg.keyboard.press("Enter")
+    page_has(pg, "You said: typed at once", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    assert pg.evaluate(focused), "Enter lost the focus"
+    pg.fill(box, "    ")
+    pg.click("#chat-send")
+    page_has(pg, "Please type a message first")
+    wait_enabled(pg, "#chat-send")
+    assert pg.input_value(box) == "" and pg.evaluate(focused)
+    pg.keyboard.type("   ")
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
+    assert pg.locator("#chatbot .user-row").count() == 2
+
+
 OVERLAPS = """() => {
   const bar = document.querySelector('#chatbot .top-panel'), area = document.querySelector('#chatbot .bubble-wrap');
   const t = bar.getBoundingClientRect(), a = area.getBoundingClientRect();

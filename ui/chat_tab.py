@@ -388,6 +388,10 @@ def build_chat_tab(
             running.append(ev)
 
         turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings])
+        # the box has the focus again for the next message (a click on Send took it), and a message of spaces alone
+        # (refused: EMPTY) leaves it empty, in the page alone
+        focus = "(m) => { document.querySelector('#chat-input textarea')?.focus(); return m && m.trim() ? m : ''; }"
+        gr.on([msg.submit, send.click], None, msg, msg, js=focus, api_visibility="private", queue=False)
         turn([regen.click, chatbot.retry], regenerate_turn, [chatbot, *settings])
         turn([chatbot.edit], edit_turn, [chatbot, *settings])
         # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply
