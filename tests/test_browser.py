@@ -215,6 +215,91 @@ def test_shift_enter_adds_a_line_and_enter_waits_while_a_reply_streams(page, eng
     page_has(pg, "You said: impatient", "#chatbot")
 
 
+def test_enter_while_a_reply_streams_keeps_the_message_and_says_why(app, browser, engines):
+    """Enter while a reply streams sends nothing; the message stays in the box and a note under it says why and
+    what to do, in the browser's language (new-user trial: nothing happened and nothing said why). The note goes
+    once the reply has ended."""
+    text, _ = engines
+    for locale, words in (("en-US", "Wait for the reply to finish, or press Stop"), ("zh-CN", "请等待回答完成")):
+        with new_page(browser, app[0], locale=locale) as pg:
+            ready(pg)
+            note = pg.locator("#chat-busy-note")
+            assert not note.is_visible()
+            long_reply(text, words=80)
+            type_and_enter(pg, "first")
+            page_has(pg, "word2", "#chatbot")
+            type_and_enter(pg, "impatient")
+            note.wait_for(state="visible")
+            assert words in note.inner_text()
+            assert pg.input_value("#chat-input textarea") == "impatient"
+            box, shown = pg.locator("#chat-input textarea").bounding_box(), note.bounding_box()
+            assert abs(shown["y"] - (box["y"] + box["height"])) < 80, "the note is not by the message box"
+            wait_enabled(pg, "#chat-send")
+            note.wait_for(state="hidden")
+            assert pg.input_value("#chat-input textarea") == "impatient"
+
+
+def test_after_sending_the_box_has_the_focus_and_a_refused_blank_message_is_cleared(page, engines):
+    """The next message can be typed at once after Send or Enter (new-user trial: a click on Send left the focus on
+    the button); a message of spaces alone is refused and leaves the box empty, not full of spaces."""
+    pg = page
+    box = "#chat-input textarea"
+    focused = "() => document.activeElement === document.querySelector('#chat-input textarea')"
+    pg.fill(box, "sent with the button")
+    pg.click("#chat-send")
+    page_has(pg, "You said: sent with the button", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    assert pg.evaluate(focused), "Send kept the focus"
+    pg.keyboard.type("typed at once")
+    assert pg.input_value(box) == "typed at once"
+    pg.keyboard.press("Enter")
+    page_has(pg, "You said: typed at once", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    assert pg.evaluate(focused), "Enter lost the focus"
+    pg.fill(box, "    ")
+    pg.click("#chat-send")
+    page_has(pg, "Please type a message first")
+    wait_enabled(pg, "#chat-send")
+    assert pg.input_value(box) == "" and pg.evaluate(focused)
+    pg.keyboard.type("   ")
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
+    assert pg.locator("#chatbot .user-row").count() == 2
+
+
+OVERLAPS = """() => {
+  const bar = document.querySelector('#chatbot .top-panel'), area = document.querySelector('#chatbot .bubble-wrap');
+  const t = bar.getBoundingClientRect(), a = area.getBoundingClientRect();
+  const hits = [];
+  for (const el of document.querySelectorAll('#chatbot .message, #chatbot button, #chatbot textarea')) {
+    if (bar.contains(el)) continue;
+    const r = el.getBoundingClientRect(), top = Math.max(r.top, a.top), bottom = Math.min(r.bottom, a.bottom);
+    if (r.width && top < t.bottom && bottom > t.top && r.left < t.right && r.right > t.left)
+      hits.push(el.getAttribute('aria-label') || el.className);
+  }
+  return hits;
+}"""
+
+
+def test_the_chats_toolbar_covers_no_message_or_its_buttons(app, browser, engines):
+    """Gradio's Clear and Copy-conversation icons float over the top right of the chat, and messages scrolled up
+    (the chat follows the newest) passed under them, the first message's own icons too (new-user trial). The icons
+    now sit above the scrolled area, at a laptop's size and a phone's."""
+    for size in (LAPTOP, PHONE):
+        with new_page(browser, app[0], *size) as pg:
+            ready(pg)
+            for i in range(3):
+                type_and_enter(pg, f"message {i} " + "words " * 60)
+                page_has(pg, f"You said: message {i}", "#chatbot")
+                wait_enabled(pg, "#chat-send")
+            for where, y in (("bottom", 10**6), ("top", 0)):
+                pg.evaluate("y => document.querySelector('#chatbot .bubble-wrap').scrollTo(0, y)", y)
+                pg.locator("#chatbot .message").first.hover()
+                assert pg.evaluate(OVERLAPS) == [], f"{size}, scrolled to the {where}"
+            chat, area = pg.locator("#chatbot").bounding_box(), pg.locator("#chatbot .bubble-wrap").bounding_box()
+            assert area["y"] + area["height"] <= chat["y"] + chat["height"] + 1, "the messages run out of the chat"
+
+
 def test_one_press_of_enter_is_one_server_event(page):
     """A turn costs the server one queued event (join + its stream), not a chain of checks, saves and unlocks:
     at 32 users each extra request sat in the burst at every turn's start (issue 14)."""
@@ -768,5 +853,52 @@ def test_an_open_page_sees_the_engines_restart_with_the_engine_process(browser, 
             wait_enabled(pg, "#chat-send", on=False)
             slot.state = "ready"
             wait_enabled(pg, "#chat-send")
+    finally:
+        demo.close()
+
+
+def test_a_restarted_server_gives_the_page_its_kept_chat_and_settings_back(browser, engines):
+    """The browser keeps the chat and its settings encrypted with a key the server hands the page. Gradio draws that
+    key at random whenever the app is built, so after a server restart no kept chat could be read: a reload showed
+    an empty chat in every tab, and wrote the empty chat over the kept one (new-user trial: "a reload lost the whole
+    conversation, in both tabs"; the console said "Error reading from localStorage")."""
+    from ui.page import build_demo, launch_kwargs
+
+    text, vision = engines
+
+    def launch(port=None):
+        st = fake_startup(text, vision, host="127.0.0.1")
+        demo, i18n = build_demo(st.slots, st.cfg, st.system_info)
+        _, url, _ = demo.launch(**{**launch_kwargs(st.cfg, i18n), **TEST_LAUNCH, "server_port": port})
+        return demo, url
+
+    demo, url = launch()
+    try:
+        with new_page(browser, url) as pg:
+            errors = []
+            pg.on("console", lambda m: errors.append(m.text) if "localStorage" in m.text else None)
+            ready(pg)
+            pg.get_by_text("Settings").first.click()
+            pg.locator("#chat-system textarea").fill("You answer like a pirate.")
+            pg.locator("#chat-system textarea").blur()
+            type_and_enter(pg, "keep me across a restart")
+            page_has(pg, "You said: keep me across a restart", "#chatbot")
+            wait_enabled(pg, "#chat-send")
+            second = pg.context.new_page()  # a second tab with its own chat
+            second.goto(url)
+            ready(second)
+            second.locator("#chat-clear").click()
+            type_and_enter(second, "the other tab's chat")
+            page_has(second, "You said: the other tab's chat", "#chatbot")
+            wait_enabled(second, "#chat-send")
+            demo.close()
+            demo, _ = launch(int(url.rstrip("/").rsplit(":", 1)[1]))  # the same origin: the same storage
+            for tab, kept in ((pg, "keep me across a restart"), (second, "the other tab's chat")):
+                tab.reload()
+                ready(tab)
+                page_has(tab, f"You said: {kept}", "#chatbot")
+            pg.get_by_text("Settings").first.click()
+            assert pg.locator("#chat-system textarea").input_value() == "You answer like a pirate."
+            assert not errors, errors
     finally:
         demo.close()

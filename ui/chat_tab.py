@@ -55,6 +55,10 @@ HAS_MESSAGES_JS = """(history) => {
   const on = Array.isArray(history) && history.length > 0;
   return [{__type__: "update", interactive: on}, {__type__: "update", interactive: on}];
 }"""
+# What the browser's kept values (the chat, its settings) are encrypted with. Gradio hands it to the page in its
+# config, so it hides nothing from the page's own user; Gradio's default, drawn at random as the app is built, made
+# every kept chat unreadable after a server restart (new-user trial: a reload lost the conversation in every tab).
+BROWSER_SECRET = "internlm2-llava-chat"
 
 
 def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
@@ -202,6 +206,8 @@ def build_chat_tab(
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True}],
         )
         stats = streaming.stats_line("chat-stats")
+        # shown over the box by the page when Enter is pressed while a reply streams (ui/page.py, ENTER_GUARD)
+        gr.Markdown(i18n("busy_enter"), elem_id="chat-busy-note")
         with gr.Row(elem_id="chat-compose", equal_height=True):
             msg = streaming.message_box("message", i18n("message_ph"), 10, "chat-input", autofocus=True)
             with gr.Column(scale=1, min_width=96, elem_classes="compose-buttons"):
@@ -299,7 +305,7 @@ def build_chat_tab(
 
         settings = [system, temperature, top_p, top_k, max_new, rep, seed]
         # the settings are kept in the browser as they change, in the page alone (ui/page.py puts them back at load)
-        kept_settings = gr.BrowserState(None, storage_key="internlm2-chat-settings")
+        kept_settings = gr.BrowserState(None, storage_key="internlm2-chat-settings", secret=BROWSER_SECRET)
         keep = "(...values) => [values]"
         gr.on([c.change for c in settings], None, settings, kept_settings, js=keep, api_visibility="private", queue=False)
         buttons = [send, stop, regen]
@@ -411,6 +417,10 @@ def build_chat_tab(
             running.append(ev)
 
         turn([msg.submit, send.click], send_turn, [msg, chatbot, *settings])
+        # the box has the focus again for the next message (a click on Send took it), and a message of spaces alone
+        # (refused: EMPTY) leaves it empty, in the page alone
+        focus = "(m) => { document.querySelector('#chat-input textarea')?.focus(); return m && m.trim() ? m : ''; }"
+        gr.on([msg.submit, send.click], None, msg, msg, js=focus, api_visibility="private", queue=False)
         turn([regen.click, chatbot.retry], regenerate_turn, [chatbot, *settings])
         turn([chatbot.edit], edit_turn, [chatbot, *settings])
         # the API's steps, as scripts call them: add a message (or drop the last answer), then stream the reply

@@ -14,7 +14,7 @@ import gradio as gr
 from model_loader.config import AppConfig
 from model_loader.engines.slot import EngineSlot
 from ui import streaming
-from ui.chat_tab import build_chat_tab
+from ui.chat_tab import BROWSER_SECRET, build_chat_tab
 from ui.files import Scratch
 from ui.i18n import build_i18n, server_text
 from ui.image_tab import build_image_tab
@@ -69,8 +69,15 @@ footer {display: none !important}
 .badge.state-loading .dot, .badge.state-preparing .dot, .badge.state-waiting .dot {background: #f59e0b}
 .badge.state-failed .dot {background: #dc2626}
 .badge.engine {background: var(--primary-50); border-color: var(--primary-200); color: var(--primary-700)}
+/* Gradio floats the chat's own Clear/Copy icons over its top right, where scrolled messages and their icons passed
+   under them: the icons get a line of their own, above the scrolled area */
+#chatbot > .wrapper {display: flex !important; flex-direction: column}
+#chatbot .top-panel {position: static !important; align-self: flex-end; margin: 4px 6px 0 !important}
+#chatbot .bubble-wrap {flex: 1 1 0 !important; min-height: 0 !important; height: auto !important}
 #chat-stats, #image-stats {font-size: 0.82em; opacity: 0.85; min-height: 1.2em}
 #chat-status:empty, #image-status:empty {display: none}
+#chat-busy-note:not(.shown) {display: none !important}
+#chat-busy-note {font-size: 0.85em; color: var(--body-text-color-subdued)}
 #chat-input textarea, #image-question textarea {border: 1px solid var(--input-border-color);
   border-radius: 10px; padding: 9px 12px; background: var(--input-background-fill); box-shadow: var(--input-shadow)}
 #chat-input textarea:focus, #image-question textarea:focus {border-color: var(--input-border-color-focus)}
@@ -116,20 +123,35 @@ HEAD = """<style>
 </style>"""
 
 # Enter sends and Shift+Enter adds a line (Gradio does this for a one-line box); this guard keeps Enter from sending
-# while the tab's send button is locked (a reply is streaming) or while an input method is composing (pinyin).
+# while the tab's send button is locked (a reply is streaming) or while an input method is composing (pinyin). Enter
+# held back while a reply streams shows the tab's note saying why (its words come localised in the page, hidden by
+# CSS until then), until the send button is back.
 # It goes into <head>: Gradio 6.17's `js=` launch argument is never run.
 ENTER_GUARD = """<script>
 (() => {
-  const pairs = [["#chat-input", "#chat-send"], ["#image-question", "#image-ask"]];
+  const tabs = [["#chat-input", "#chat-send", "#chat-stop", "#chat-busy-note"], ["#image-question", "#image-ask"]];
+  const explain = (send, stop, note) => {
+    const shown = note && document.querySelector(note);
+    const streaming = document.querySelector(stop);
+    if (!shown || !streaming || streaming.disabled) return;  // Send is off for another reason (the engine's banner)
+    if (shown.classList.contains("shown")) return;
+    shown.classList.add("shown");
+    shown.setAttribute("role", "status");
+    const back = setInterval(() => {
+      const b = document.querySelector(send);
+      if (b && !b.disabled) { shown.classList.remove("shown"); clearInterval(back); }
+    }, 200);
+  };
   const guard = (e) => {
     if (e.key !== "Enter" || e.shiftKey || !(e.target instanceof HTMLTextAreaElement)) return;
-    for (const [box, button] of pairs) {
+    for (const [box, button, stop, note] of tabs) {
       if (!e.target.closest(box)) continue;
       const composing = e.isComposing || e.keyCode === 229;
       const b = document.querySelector(button);
       if (composing || !b || b.disabled) {
         e.stopImmediatePropagation();
         if (!composing) e.preventDefault();
+        if (!composing && e.type === "keydown" && stop) explain(button, stop, note);
       }
     }
   };
@@ -301,7 +323,7 @@ def build_demo(
     # Gradio's own cache (uploads, files returned to the page): files older than a day go, checked hourly
     with gr.Blocks(title="InternLM2 & LLaVA Chat", delete_cache=(3600, 86400)) as demo:
         header = gr.HTML(header_html(slots, cfg), elem_id="header")
-        saved = gr.BrowserState([], storage_key=CHAT_KEY)
+        saved = gr.BrowserState([], storage_key=CHAT_KEY, secret=BROWSER_SECRET)
         known = gr.State(None)  # the engine readiness this page last saw
         with gr.Tabs():
             with gr.Tab(i18n("chat"), id="chat") as chat_page:
