@@ -82,9 +82,9 @@ def record_timeline(path: str | Path, engine_classes: tuple[type, ...], patch=se
             async for item in stream(self, *args, **kwargs):
                 if rec is not None and "delta" not in rec and isinstance(item, Delta):
                     rec["delta"] = time.time()
+                if rec is not None and not isinstance(item, Delta):
+                    rec["last"] = time.time()  # the reply's end reached the page's loop (its reader stops there)
                 yield item
-            if rec is not None:
-                rec["last"] = time.time()  # the engine's last word reached the page's loop
 
         return timed_stream
 

@@ -71,7 +71,7 @@ def test_the_timeline_splits_each_turns_wait_into_steps_in_order(launched, monke
     """bench_app --timeline: the app's marks joined with the client's by event id, turn by turn; each turn's marks
     come in the order of the steps, and their means add up to the mean wait from Enter to the first text."""
     from bench.pages import users_on_pages
-    from bench.timeline import SEGMENTS, events_for, joined, record_timeline, segments
+    from bench.timeline import SEGMENTS, TAIL, events_for, joined, record_timeline, segments
     from tests.fakes import FakeEngine
 
     url, _, _ = launched
@@ -84,6 +84,7 @@ def test_the_timeline_splits_each_turns_wait_into_steps_in_order(launched, monke
         assert all(s >= -0.002 for s in steps), steps  # marks in order (clocks of one machine)
     s = segments(rows)
     assert s["turns"] == 4 and all(s[name] is not None for name, _, _ in SEGMENTS)
+    assert all(s[name] is not None and s[name] >= -2 for name, _, _ in TAIL)  # the reply's end, after its first text
     assert sum(s[name] for name, _, _ in SEGMENTS) == pytest.approx(s["first text (mean)"], abs=0.5)
 
 
