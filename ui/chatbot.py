@@ -29,10 +29,8 @@ from ui.user_text import typed_history
 
 PAGE = "app"  # the x-gradio-user header of Gradio's own page; gradio_client and @gradio/client send "api"
 CLIENT_COPY = "/nonexistent/client-copy/"  # never a file: Gradio cannot serve it if it went out unreplaced
-SHAPE = (
-    'each message {"role": "user" or "assistant", "content": text, or a list of {"type": "text", "text": ...} '
-    'and {"type": "file", "file": ...} parts}'
-)
+# no quotes, < > or &: refusals are HTML-escaped for the page, and an API client reads the text as it comes
+SHAPE = "each message needs a role (user or assistant) and a content: text, or a list of text and file parts"
 
 
 def _part(part, files: bool):
