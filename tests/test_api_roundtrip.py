@@ -176,3 +176,18 @@ def test_each_sampling_setting_is_named_in_the_api(launched):
         "repetition_penalty",
         "seed",
     ]
+
+
+def test_a_picture_removed_meanwhile_does_not_fail_the_lookup(tmp_path):
+    """A parallel call of the same session may clear its old pictures while this one looks them up (review)."""
+    from ui.chatbot import CLIENT_COPY
+    from ui.image_tab import own_pictures
+
+    (tmp_path / "a").mkdir()
+    kept = tmp_path / "a" / "cat.png"
+    kept.write_bytes(b"png")
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "a" / "removed.png")  # listed, then gone when looked at
+    part = {"type": "file", "file": {"path": CLIENT_COPY + "cat.png", "meta": {"_type": "gradio.FileData"}}}
+    history = [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]
+    out = own_pictures(history, None, tmp_path)
+    assert out[0]["content"][0]["file"]["path"] == str(kept)

@@ -8,6 +8,7 @@ converted picture as the preview, so what the user sees is what the model gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import gradio as gr
@@ -41,8 +42,11 @@ def own_pictures(history: list[dict], image, folder: Path) -> list[dict]:
     longer has stays in the chat as its name (it only marks where an earlier topic began)."""
     if not any(client_copy(p) for m in history if isinstance(m.get("content"), list) for p in m["content"]):
         return history
-    pictures = sorted(folder.glob("*/*.png"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
-    sent = {strip_invalid_filename_characters(f.name): str(f) for f in pictures}  # the newest of a name wins
+    dated = []
+    for f in folder.glob("*/*.png") if folder.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # a parallel call of this session may clear it meanwhile
+            dated.append((f.stat().st_mtime, f))
+    sent = {strip_invalid_filename_characters(f.name): str(f) for _, f in sorted(dated)}  # the newest of a name wins
     last = max((i for i, m in enumerate(history) if is_image_message(m)), default=-1)
     current = path_of(image)
 
