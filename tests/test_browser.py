@@ -606,6 +606,19 @@ def test_an_edit_answers_again_and_a_refused_edit_puts_the_message_back(page, en
     assert "next" not in pg.locator("#chatbot").inner_text()
 
 
+def test_an_edit_too_long_for_the_window_is_refused_and_put_back(page):
+    """The page shows an edit at once; one refused as too long gets the question and its answer back, rather than
+    the long edit over the old answer (review: the first update of a turn now comes after the window check)."""
+    pg = page
+    type_and_enter(pg, "abc")
+    page_has(pg, "You said: abc", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    edit_first_message(pg, "x " * 20_000)
+    page_has(pg, "too long for the model")
+    pg.wait_for_function("document.querySelector('#chatbot .user-row')?.innerText.replace(/\\u2060/g, '').trim() === 'abc'")
+    assert "You said: abc" in pg.locator("#chatbot").inner_text()
+
+
 def test_a_message_too_long_stays_in_the_box_to_shorten(page):
     pg = page
     long = "x " * 20_000

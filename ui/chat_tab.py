@@ -378,16 +378,19 @@ def build_chat_tab(
             sent_before, edit: gr.EditData, request: gr.Request,
         ):  # fmt: skip
             """An edited message: the conversation up to it, answered again. The page shows the edit already, so a
-            refused one puts the message back first."""
+            refused one (empty, or too long for the window: refused before the turn's first update) puts the
+            message back first."""
             streaming.engine_or_error(slot)
+            shown = False
             try:
-                history = edited(history, edit, request)
+                sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+                async for update in answer(gr.skip(), edited(history, edit, request), system_prompt, sampling, request):
+                    shown = True
+                    yield update
             except gr.Error:
-                yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
+                if not shown:
+                    yield (gr.skip(), unedited(history, edit), gr.skip(), gr.skip())
                 raise
-            sampling = (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            async for update in answer(gr.skip(), history, system_prompt, sampling, request):
-                yield update
 
         memo = RenderMemo()  # every turn's renders, for the chat's next turns
 
