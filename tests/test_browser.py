@@ -285,12 +285,14 @@ def test_the_chats_toolbar_covers_no_message_or_its_buttons(app, browser, engine
     """Gradio's Clear and Copy-conversation icons float over the top right of the chat, and messages scrolled up
     (the chat follows the newest) passed under them, the first message's own icons too (new-user trial). The icons
     now sit above the scrolled area, at a laptop's size and a phone's."""
+    text = engines[0]
     for size in (LAPTOP, PHONE):
         with new_page(browser, app[0], *size) as pg:
             ready(pg)
             for i in range(3):
-                type_and_enter(pg, f"message {i} " + "words " * 60)
-                page_has(pg, f"You said: message {i}", "#chatbot")
+                text.enqueue(f"reply {i} " + "words " * 60)  # long replies to short questions: typing is slow
+                type_and_enter(pg, f"message {i}")
+                page_has(pg, f"reply {i} words", "#chatbot")
                 wait_enabled(pg, "#chat-send")
             for where, y in (("bottom", 10**6), ("top", 0)):
                 pg.evaluate("y => document.querySelector('#chatbot .bubble-wrap').scrollTo(0, y)", y)
