@@ -59,6 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--case-users", type=int, default=16, help="users for the idle-page and long-history cases")
     ap.add_argument("--timeline", action="store_true", help="where each turn's first-text wait goes (bench/timeline.py)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw reference (app-side experiments)")
+    ap.add_argument("--settle-s", type=float, default=0.0, help="returning users: pause between page load and first press")
     ap.add_argument(
         "--users-per-client",
         type=int,
@@ -126,7 +127,8 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
                 spies += [py_spy(c, f"spy-{n}-engines.txt") for c in engine_processes(pid)]
                 spies = [s for s in spies if s]
             t_spy, cpu = time.perf_counter(), client_cpu_s()
-            turns, wall, loads = users_in_browsers(URL, n, a.turns, a.new_tokens, a.users_per_client)
+            settle = {"settle_s": a.settle_s} if a.settle_s else {}
+            turns, wall, loads = users_in_browsers(URL, n, a.turns, a.new_tokens, a.users_per_client, **settle)
             client_cpu = (client_cpu_s() - cpu) / (time.perf_counter() - t_spy)
             for spy in spies:
                 spy.send_signal(2)

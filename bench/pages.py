@@ -164,6 +164,7 @@ async def users_on_pages(
     first_user: int = 0,
     ready: Callable[[], Awaitable[None]] | None = None,
     hold: Callable[[], Awaitable[None]] | None = None,
+    settle_s: float = 0.0,
 ) -> tuple[list[dict], float, dict]:
     """`users` open pages (loaded before the clock starts, unless they are new visitors), then `turns` turns each
     at once, while `idle_pages` more pages stay open and run their timers as a browser does; returns every turn's
@@ -171,7 +172,8 @@ async def users_on_pages(
 
     Users are numbered from `first_user` (their questions and `histories` are theirs); `ready`, when given, is
     awaited once the pages are loaded, before the clock starts (users_in_browsers lines processes up with it), and
-    `hold` once the users are done, before the idle pages close."""
+    `hold` once the users are done, before the idle pages close. `settle_s`: the pause between the pages' load and
+    the first press (a person reads the page first; 0 presses at once)."""
     async with httpx.AsyncClient(timeout=600, limits=client_limits(users + idle_pages)) as http:
         config = (await http.get(url + "config")).json()
         pages = [Page(http, url, config) for _ in range(users)]
@@ -198,6 +200,7 @@ async def users_on_pages(
                 out.append(r)
             return out
 
+        await asyncio.sleep(settle_s)
         if ready is not None:
             await ready()
         t0 = time.perf_counter()
