@@ -191,3 +191,14 @@ def test_a_picture_removed_meanwhile_does_not_fail_the_lookup(tmp_path):
     history = [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]
     out = own_pictures(history, None, tmp_path)
     assert out[0]["content"][0]["file"]["path"] == str(kept)
+
+
+def test_a_refusal_reads_plainly_to_an_api_client(launched):
+    """Refusals are escaped for the page, which shows them as HTML; an apostrophe came back to scripts as &#x27;
+    (new-user trial). Only what HTML needs escaped in text is: <, > and &."""
+    url, _, _ = launched
+    c = Client(url, verbose=False)
+    too_long = [{"role": "user", "content": "x " * 20_000}]
+    with pytest.raises(Exception) as e:
+        c.predict(too_long, "", 0.7, 0.8, 40, 64, 1.0, 0, api_name="/chat")
+    assert "model's" in str(e.value) and "&#" not in str(e.value), str(e.value)

@@ -67,7 +67,7 @@ def refuse(message: str, title: str = "Not sent") -> gr.Error:
     Raise it only from queued events: Gradio 6 shows an unqueued event's error as a bare "Error" pill.
     """
     log.info("refused (%s): %s", title, message)
-    return gr.Error(html.escape(message), title=title, print_exception=False)
+    return gr.Error(html.escape(message, quote=False), title=title, print_exception=False)  # text, not an attribute
 
 
 def refusals_as_toasts(turn: Callable, last: Callable[[gr.Error], tuple]) -> Callable:
