@@ -608,6 +608,24 @@ def test_an_edit_answers_again_and_a_refused_edit_puts_the_message_back(page, en
     assert "next" not in pg.locator("#chatbot").inner_text()
 
 
+def test_enter_in_the_edit_box_saves_the_edit_and_shift_enter_adds_a_line(page, engines):
+    """The message box sends on Enter; the Edit box of a message added a line, and saving took its small ✓ (new-user
+    trials, twice)."""
+    pg = page
+    type_and_enter(pg, "abc")
+    page_has(pg, "You said: abc", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    pg.locator("#chatbot .message-row").nth(0).hover()
+    pg.locator("#chatbot button[aria-label='Edit']").first.click()
+    box = pg.locator("#chatbot textarea").first
+    box.fill("xyz")
+    box.press("Shift+Enter")
+    pg.keyboard.type("second line")
+    box.press("Enter")
+    page_has(pg, "You said: xyz", "#chatbot")
+    assert engines[0].calls[-1][1][-1]["content"] == "xyz\nsecond line"
+
+
 def test_an_edit_too_long_for_the_window_is_refused_and_put_back(page):
     """The page shows an edit at once; one refused as too long gets the question and its answer back, rather than
     the long edit over the old answer (review: the first update of a turn now comes after the window check)."""

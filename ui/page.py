@@ -122,7 +122,8 @@ HEAD = """<style>
 @media (max-width: 640px) { .gradio-container .main.app {padding: 6px 8px} }
 </style>"""
 
-# Enter sends and Shift+Enter adds a line (Gradio does this for a one-line box); this guard keeps Enter from sending
+# Enter sends and Shift+Enter adds a line (Gradio does this for a one-line box; the guard does it for a message's Edit
+# box, whose Enter only added a line: new-user trials); this guard keeps Enter from sending
 # while the tab's send button is locked (a reply is streaming) or while an input method is composing (pinyin). Enter
 # held back while a reply streams shows the tab's note saying why (its words come localised in the page, hidden by
 # CSS until then), until the send button is back.
@@ -144,6 +145,14 @@ ENTER_GUARD = """<script>
   };
   const guard = (e) => {
     if (e.key !== "Enter" || e.shiftKey || !(e.target instanceof HTMLTextAreaElement)) return;
+    const chat = e.target.closest("#chatbot");  // the Edit box of a message: Enter saves it, as Enter sends a message
+    if (chat) {
+      if (e.isComposing || e.keyCode === 229) return;
+      e.stopImmediatePropagation();
+      e.preventDefault();
+      if (e.type === "keydown") chat.querySelector("button[aria-label='Submit']")?.click();
+      return;
+    }
     for (const [box, button, stop, note] of tabs) {
       if (!e.target.closest(box)) continue;
       const composing = e.isComposing || e.keyCode === 229;
