@@ -706,6 +706,8 @@ def test_upload_ask_with_enter_and_use_an_example(page, engines, tmp_path):
     type_and_enter(pg, "What is in this image?", "#image-question textarea")
     page_has(pg, "I see an image of 320x200", "#image-chatbot")
     wait_enabled(pg, "#image-ask")
+    pg.locator("#image-chatbot .message-row").first.hover()
+    assert pg.locator("#image-chatbot button[aria-label='Share']:visible").count() == 0  # "Must be on Spaces to share"
     pg.locator("#image-examples img").nth(1).click()
     pg.wait_for_function("document.querySelector('#image-question textarea').value.includes('visitors')")
     type_and_enter(pg, "", "#image-question textarea")

@@ -78,6 +78,8 @@ footer {display: none !important}
 #chat-status:empty, #image-status:empty {display: none}
 #chat-busy-note:not(.shown) {display: none !important}
 #chat-busy-note {font-size: 0.85em; color: var(--body-text-color-subdued)}
+/* a picture in the image chat has Gradio's Share, which only works on Hugging Face Spaces ("Must be on Spaces") */
+#image-chatbot button[aria-label='Share'] {display: none !important}
 #chat-input textarea, #image-question textarea {border: 1px solid var(--input-border-color);
   border-radius: 10px; padding: 9px 12px; background: var(--input-background-fill); box-shadow: var(--input-shadow)}
 #chat-input textarea:focus, #image-question textarea:focus {border-color: var(--input-border-color-focus)}
