@@ -294,8 +294,8 @@ async def stream_into(
     capacity: int = 0,
 ) -> AsyncIterator[tuple[list[dict], str]]:
     """Append an assistant message and fill it from the stream, yielding (history, stats line) at most every
-    ui_interval(active()) seconds; the first text and the end (a FinalUpdate) are always sent. Until the first item comes, the
-    stats line says so when the engine is full (`capacity` conversations, 0 = unknown)."""
+    ui_interval(active()) seconds; the first text and the end (a FinalUpdate) are always sent. Until the first item
+    comes, the stats line says so when the engine is full (`capacity` conversations, 0 = unknown)."""
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
     last = 0.0
