@@ -75,7 +75,7 @@ def test_download_progress_is_reported_in_percent(hub, tmp_path, monkeypatch):
         import asyncio
 
         if rest.endswith(".safetensors"):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0)  # longer than the watcher's own look-up of the repo's files, on a busy CI machine
         return await slow(request, root, rest)
 
     monkeypatch.setattr(hub, "resolve", slowly)
