@@ -107,10 +107,7 @@ def from_page(request) -> bool:
 def as_typed(history: list[dict]) -> list[dict]:
     """User text as typed; plain-text content as a text part, which Gradio sends as it is (it strips the
     indentation of plain-text content, with inspect.cleandoc)."""
-    return [
-        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
-        for m in typed_history(history)
-    ]
+    return as_parts(typed_history(history))
 
 
 def for_caller(history, request):
