@@ -5,6 +5,7 @@ timers), built on the SSE client in bench/sse_client.py; plus waiting for the ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -12,10 +13,13 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from bench.sse_client import chat_result, client_limits, fn_index, post_once_more, stream_call
+from bench.sse_client import chat_result, fn_index, post_once_more, stream_call
 from bench.workload import history_of, question
 
 BROWSER_WAIT_S = 600  # the longest a measuring process waits for the others
+# a browser's connections to one host (HTTP/1.1); each page has its own pool, as each person has a browser: one pool
+# shared by every page made httpx scan all its connections at every request, which held back 32 users' turn starts
+BROWSER_CONNECTIONS = 6
 WALL = time.time() - time.perf_counter()  # perf_counter marks as wall-clock time, to join with the app's (timeline)
 
 
@@ -174,13 +178,23 @@ async def users_on_pages(
     awaited once the pages are loaded, before the clock starts (users_in_browsers lines processes up with it), and
     `hold` once the users are done, before the idle pages close. `settle_s`: the pause between the pages' load and
     the first press (a person reads the page first; 0 presses at once)."""
-    async with httpx.AsyncClient(timeout=600, limits=client_limits(users + idle_pages)) as http:
-        config = (await http.get(url + "config")).json()
-        pages = [Page(http, url, config) for _ in range(users)]
+    async with contextlib.AsyncExitStack() as browsers:
+
+        def browser() -> httpx.AsyncClient:
+            """A page's own connections; idle ones close before uvicorn's 5 s keep-alive ends them."""
+            client = httpx.AsyncClient(
+                timeout=600, limits=httpx.Limits(max_connections=BROWSER_CONNECTIONS, keepalive_expiry=2.0)
+            )
+            browsers.push_async_callback(client.aclose)
+            return client
+
+        async with httpx.AsyncClient(timeout=60) as http:
+            config = (await http.get(url + "config")).json()
+        pages = [Page(browser(), url, config) for _ in range(users)]
         loads: list[float] = []
         if not new_visitors:
             loads = list(await asyncio.gather(*[p.load() for p in pages]))
-        idle = [Page(http, url, config) for _ in range(idle_pages)]
+        idle = [Page(browser(), url, config) for _ in range(idle_pages)]
         await asyncio.gather(*[p.load() for p in idle])
         stop_idle = asyncio.Event()
         opened = random.Random(len(idle))  # when each idle page was opened, the same in every run

@@ -604,3 +604,26 @@ def test_a_runs_wall_splits_into_late_starts_and_decode():
     assert s["last_start_ms"] == [200.0, 1300.0] and s["last_end_ms"] == [1300.0, 2500.0]
     assert s["decode_ms_median"] == pytest.approx(975.0)
     assert "last_start_ms" not in summarize([{"first_ms": 1.0, "tokens": 1, "error": ""}], 1.0)
+
+
+def test_every_page_has_a_browser_of_its_own(launched, monkeypatch):
+    """Each user, and each idle page, sends through a connection pool of its own with a browser's six connections
+    per host. One pool shared by every page made httpx scan all of its connections at every request: the
+    measuring client then spent ~240 ms of CPU starting 32 turns (CPU, a fake engine), and was what held their
+    starts back, not the app."""
+    from bench import pages as pages_mod
+
+    url, _, _ = launched
+    seen = []
+    real_init = pages_mod.Page.__init__
+
+    def init(self, http, *args, **kwargs):
+        seen.append(http)
+        real_init(self, http, *args, **kwargs)
+
+    monkeypatch.setattr(pages_mod.Page, "__init__", init)
+    turns, _, loads = asyncio.run(pages_mod.users_on_pages(url, 3, 1, 16, idle_pages=2))
+    assert len(turns) == 3 and not any(t["error"] for t in turns) and loads["idle_pages"] == 2
+    assert len(seen) == 5 and len({id(h) for h in seen}) == 5
+    assert all(h._transport._pool._max_connections == pages_mod.BROWSER_CONNECTIONS for h in seen)
+    assert pages_mod.BROWSER_CONNECTIONS == 6
