@@ -20,6 +20,7 @@ BROWSER_WAIT_S = 600  # the longest a measuring process waits for the others
 # a browser's connections to one host (HTTP/1.1); each page has its own pool, as each person has a browser: one pool
 # shared by every page made httpx scan all its connections at every request, which held back 32 users' turn starts
 BROWSER_CONNECTIONS = 6
+BROWSER_LIMITS = httpx.Limits(max_connections=BROWSER_CONNECTIONS, keepalive_expiry=2.0)  # idle ones close before uvicorn's 5 s
 WALL = time.time() - time.perf_counter()  # perf_counter marks as wall-clock time, to join with the app's (timeline)
 
 
@@ -180,21 +181,17 @@ async def users_on_pages(
     the first press (a person reads the page first; 0 presses at once)."""
     async with contextlib.AsyncExitStack() as browsers:
 
-        def browser() -> httpx.AsyncClient:
-            """A page's own connections; idle ones close before uvicorn's 5 s keep-alive ends them."""
-            client = httpx.AsyncClient(
-                timeout=600, limits=httpx.Limits(max_connections=BROWSER_CONNECTIONS, keepalive_expiry=2.0)
-            )
-            browsers.push_async_callback(client.aclose)
-            return client
+        async def browser() -> httpx.AsyncClient:
+            """A page's own connections, closed when the run ends."""
+            return await browsers.enter_async_context(httpx.AsyncClient(timeout=600, limits=BROWSER_LIMITS))
 
         async with httpx.AsyncClient(timeout=60) as http:
             config = (await http.get(url + "config")).json()
-        pages = [Page(browser(), url, config) for _ in range(users)]
+        pages = [Page(await browser(), url, config) for _ in range(users)]
         loads: list[float] = []
         if not new_visitors:
             loads = list(await asyncio.gather(*[p.load() for p in pages]))
-        idle = [Page(browser(), url, config) for _ in range(idle_pages)]
+        idle = [Page(await browser(), url, config) for _ in range(idle_pages)]
         await asyncio.gather(*[p.load() for p in idle])
         stop_idle = asyncio.Event()
         opened = random.Random(len(idle))  # when each idle page was opened, the same in every run
@@ -214,14 +211,20 @@ async def users_on_pages(
                 out.append(r)
             return out
 
-        await asyncio.sleep(settle_s)
-        if ready is not None:
-            await ready()
-        t0 = time.perf_counter()
-        per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
-        wall = time.perf_counter() - t0
-        if hold is not None:
-            await hold()
+        try:
+            await asyncio.sleep(settle_s)
+            if ready is not None:
+                await ready()
+            t0 = time.perf_counter()
+            per_user = await asyncio.gather(*[one(i, p) for i, p in enumerate(pages)])
+            wall = time.perf_counter() - t0
+            if hold is not None:
+                await hold()
+        except BaseException:  # a user's failure ends the run: the idle pages stop before their browsers close
+            for task in polling:
+                task.cancel()
+            await asyncio.gather(*polling, return_exceptions=True)
+            raise
         stop_idle.set()
         ticks = sum(await asyncio.gather(*polling))
     loads_ms = sorted(round(1000 * x, 1) for x in loads)

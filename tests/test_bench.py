@@ -608,22 +608,53 @@ def test_a_runs_wall_splits_into_late_starts_and_decode():
 
 def test_every_page_has_a_browser_of_its_own(launched, monkeypatch):
     """Each user, and each idle page, sends through a connection pool of its own with a browser's six connections
-    per host. One pool shared by every page made httpx scan all of its connections at every request: the
-    measuring client then spent ~240 ms of CPU starting 32 turns (CPU, a fake engine), and was what held their
-    starts back, not the app."""
+    per host, closed when the run ends. One pool shared by every page made httpx scan all of its connections at
+    every request: the measuring client then spent ~240 ms of CPU starting 32 turns (CPU, a fake engine), and was
+    what held their starts back, not the app."""
+    import httpx
+
     from bench import pages as pages_mod
 
     url, _, _ = launched
-    seen = []
-    real_init = pages_mod.Page.__init__
+    made = []
 
-    def init(self, http, *args, **kwargs):
-        seen.append(http)
-        real_init(self, http, *args, **kwargs)
+    class Browser(httpx.AsyncClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, kwargs.get("limits")))
 
-    monkeypatch.setattr(pages_mod.Page, "__init__", init)
+    monkeypatch.setattr(pages_mod.httpx, "AsyncClient", Browser)
     turns, _, loads = asyncio.run(pages_mod.users_on_pages(url, 3, 1, 16, idle_pages=2))
     assert len(turns) == 3 and not any(t["error"] for t in turns) and loads["idle_pages"] == 2
-    assert len(seen) == 5 and len({id(h) for h in seen}) == 5
-    assert all(h._transport._pool._max_connections == pages_mod.BROWSER_CONNECTIONS for h in seen)
-    assert pages_mod.BROWSER_CONNECTIONS == 6
+    browsers = [(c, limits) for c, limits in made if limits is not None]  # the others fetched the page's config
+    assert len(browsers) == 5 and all(c.is_closed for c, _ in browsers)
+    assert all(limits.max_connections == 6 and limits.keepalive_expiry < 5 for _, limits in browsers)
+
+
+def test_a_failed_user_stops_the_idle_pages_before_their_browsers_close(launched, monkeypatch):
+    """A user's error ends the run; the idle pages' timers stop first, instead of being left running on closed
+    connections (their errors were logged as never retrieved)."""
+    from bench import pages as pages_mod
+
+    url, _, _ = launched
+    polls = []
+
+    async def poll(self, stop, opened_s_ago=0.0):
+        task = asyncio.current_task()
+        polls.append(task)
+        await stop.wait()
+        return 0
+
+    async def turn(self, *args, **kwargs):
+        await asyncio.sleep(0.05)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pages_mod.Page, "poll", poll)
+    monkeypatch.setattr(pages_mod.Page, "turn", turn)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="boom"):
+            await pages_mod.users_on_pages(url, 2, 1, 16, idle_pages=2)
+        return [t.done() for t in polls]
+
+    assert asyncio.run(run()) == [True, True]
