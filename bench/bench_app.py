@@ -117,6 +117,10 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
     runs: dict[str, list] = {str(n): [] for n in a.users_list}
     # warm-up at the largest batch: the first run at a new batch size was the slowest of every call, app and raw alike
     asyncio.run(users_on_pages(URL, max(a.users_list), 1, a.new_tokens))
+    extra = cases(a)
+    for kw in extra.values():
+        if kw.get("histories"):  # a long chat's history was its previous turn's prompt: in the prefix cache already
+            users_in_browsers(URL, a.case_users, a.turns, a.new_tokens, a.users_per_client, **kw)
     if a.gradio_profile:
         asyncio.run(phases())  # clears the warm-up's timings
     for run in range(a.runs):
@@ -149,7 +153,7 @@ def app_runs(a: argparse.Namespace, pid: int = 0) -> dict:
                     f.writelines(json.dumps({"users": n, "run": run, **m}) + "\n" for m in marks)
             runs[str(n)].append(s)
             print("APP", n, json.dumps(s), flush=True)
-        for name, kw in cases(a).items():
+        for name, kw in extra.items():
             turns, wall, loads = users_in_browsers(URL, a.case_users, a.turns, a.new_tokens, a.users_per_client, **kw)
             s = summarize(turns, wall)
             s["client_minus_engine_ms"] = client_minus_engine(turns)

@@ -28,7 +28,7 @@ async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, be
         history = history + [question(user, t)]
         t0 = time.perf_counter()
         first = token = None
-        text, n, error = "", 0, ""
+        text, n, prompt, error = "", 0, 0, ""
         async for o in pipe.generate(
             history, next(_sessions), gen_config=gen, stream_response=True, sequence_start=True, sequence_end=True
         ):
@@ -37,7 +37,7 @@ async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, be
             if o.response:
                 first = first or time.perf_counter()
                 text += o.response
-            n = o.generate_token_len
+            n, prompt = o.generate_token_len, o.input_token_len
             if o.finish_reason == "error":
                 error = o.response or "error"
         out.append(
@@ -45,6 +45,7 @@ async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, be
                 "first_ms": None if first is None else 1000 * (first - t0),
                 "engine_ttft_ms": None if token is None else round(1000 * (token - t0), 1),
                 "tokens": n,
+                "prompt_tokens": prompt,
                 "error": error,
                 "turn": t,
                 "start_s": t0 - began,
@@ -91,6 +92,8 @@ def main() -> None:
     gen = generation_config(GenSettings(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True))
     users = [int(x) for x in a.users.split(",") if x]
     measure(pipe, gen, max(users), 1)  # warm-up at the largest batch, as bench_app warms the app
+    if a.history_tokens:  # the long chats' histories in the prefix cache, as bench_app warms the app's
+        measure(pipe, gen, a.history_users, a.turns, a.history_tokens)
     runs = {str(n): [] for n in users}
     for _ in range(a.runs):
         for n in users:  # interleaved, so drift over the run touches every user count alike

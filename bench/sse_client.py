@@ -17,6 +17,7 @@ import httpx
 from gradio_client.utils import apply_diff
 
 STATS = re.compile(r"(\d+) tokens · ([\d.]+) tokens/s · first token (\d+) ms")
+PROMPT = re.compile(r"(\d+) prompt tokens")
 
 
 def image_settings(max_new: int) -> list:
@@ -115,12 +116,14 @@ def chat_result(call: dict, stats_output: int = 1) -> dict:
     stats_line = (outputs[stats_output] if len(outputs) > stats_output else "") or ""
     m = STATS.search(stats_line)
     tokens = int(m.group(1)) if m else 0
+    prompt = PROMPT.search(stats_line)
     first = call["first"] or call["end"]
     return {
         "client_ttft_ms": round(1000 * (first - call["t0"]), 1),
         "tokens": tokens,
         "server_tok_s": float(m.group(2)) if m else 0.0,
         "engine_ttft_ms": int(m.group(3)) if m else None,
+        "prompt_tokens": int(prompt.group(1)) if prompt else None,
         "client_tok_s": round((tokens - 1) / (call["end"] - first), 1) if tokens > 1 and call["end"] > first else 0.0,
         "updates": call["updates"],
         "total_s": round(call["end"] - call["t0"], 3),

@@ -119,6 +119,7 @@ def summarize(turns: list[dict], wall_s: float) -> dict:
     errors = [t["error"] for t in turns if t.get("error")]
     tokens = sum(t.get("tokens", 0) for t in turns)
     engine = [t["engine_ttft_ms"] for t in turns if t.get("engine_ttft_ms") is not None]
+    prompts = [t["prompt_tokens"] for t in turns if t.get("prompt_tokens")]
     return {
         "turns": len(turns),
         "tokens": tokens,
@@ -131,6 +132,7 @@ def summarize(turns: list[dict], wall_s: float) -> dict:
         "errors": len(errors),
         "first_errors": errors[:3],
         **critical_path(turns),
+        **({"prompt_tokens_median": statistics.median(prompts)} if prompts else {}),  # app and raw: the same prompts?
     }
 
 
