@@ -20,10 +20,10 @@ from bench.workload import history_of, question, summarize, token_counter
 _sessions = itertools.count(1)
 
 
-async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, began: float = 0.0) -> list[dict]:
-    """One user's turns straight on lmdeploy's loop: the whole conversation each turn, as the app sends it; each
-    turn's start and end in seconds after `began` (a perf_counter reading)."""
-    history, out = history_of(user, history_tokens, token_counter(str(TEXT))), []
+async def raw_user(pipe, gen, user: int, turns: int, history: list[dict], began: float = 0.0) -> list[dict]:
+    """One user's turns straight on lmdeploy's loop from `history`: the whole conversation each turn, as the app
+    sends it; each turn's start and end in seconds after `began` (a perf_counter reading)."""
+    out: list[dict] = []
     for t in range(turns):
         history = history + [question(user, t)]
         t0 = time.perf_counter()
@@ -57,11 +57,14 @@ async def raw_user(pipe, gen, user: int, turns: int, history_tokens: int = 0, be
 
 
 def measure(pipe, gen, users: int, turns: int, history_tokens: int = 0) -> dict:
-    """`users` concurrent streams in lmdeploy's own loop; the same summary as the app's users get."""
+    """`users` concurrent streams in lmdeploy's own loop; the same summary as the app's users get. The conversations
+    are built first, as the app's users have theirs before they press Enter (counting a long one's tokens takes
+    the tokenizer tens of ms)."""
+    histories = [history_of(u, history_tokens, token_counter(str(TEXT))) for u in range(users)]
 
     async def everyone():
         t0 = time.perf_counter()
-        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, history_tokens, t0) for u in range(users)])
+        per_user = await asyncio.gather(*[raw_user(pipe, gen, u, turns, histories[u], t0) for u in range(users)])
         return [t for ts in per_user for t in ts], time.perf_counter() - t0
 
     turns_out, wall = asyncio.run_coroutine_threadsafe(everyone(), pipe.internal_thread.loop).result(600)

@@ -732,3 +732,28 @@ def test_a_turns_prompt_tokens_are_read_from_the_stats_line_and_summarised():
     assert chat_result(call, stats_output=2)["prompt_tokens"] == 6123
     assert summarize([{**_turn(), "prompt_tokens": n} for n in (10, 30, 20)], 1.0)["prompt_tokens_median"] == 20
     assert "prompt_tokens_median" not in summarize([_turn()], 1.0)
+
+
+def test_raw_users_start_together_however_long_their_conversations(monkeypatch):
+    """The raw reference builds each user's long conversation before its clock starts, as bench_app does before
+    its users press Enter. Built inside the timed run, on lmdeploy's loop, the 16 users' 6,000-token histories
+    (counted with the tokenizer) held the last first turn back 0.9-1.7 s on the H100 (round 11), so the raw
+    engine's long chats read slower than the app's."""
+    from lmdeploy import GenerationConfig
+
+    from bench import raw_reference
+    from tests.fakes import FakePipe
+
+    def slow_history(user, tokens, count, turn_tokens=250):  # the tokenizer's counting, on the calling thread
+        time.sleep(0.05)
+        return [{"role": "user", "content": f"user {user} " + "word " * tokens}, {"role": "assistant", "content": "ok"}]
+
+    monkeypatch.setattr(raw_reference, "history_of", slow_history)
+    monkeypatch.setattr(raw_reference, "token_counter", lambda path: lambda messages: 0)
+    pipe = FakePipe(tokens=4, delay_s=0.001)
+    try:
+        s = raw_reference.measure(pipe, GenerationConfig(max_new_tokens=4, ignore_eos=True), 4, 1, history_tokens=100)
+    finally:
+        pipe.close()
+    assert s["turns"] == 4 and s["errors"] == 0
+    assert s["last_start_ms"][0] < 30  # every user's first turn starts with the clock
