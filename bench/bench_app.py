@@ -339,6 +339,36 @@ def fmt(s: dict, unit: str = "") -> str:
     return f"{s['median']:,.0f}{unit} ({s['min']:,.0f}–{s['max']:,.0f})"
 
 
+def change(x: float | None, base: float | None) -> str:
+    return f"{100 * (x - base) / base:+.1f} %".replace("-", "−") if x is not None and base else "?"
+
+
+def against_plain(app: dict[str, dict], raw: dict[str, dict]) -> list[str]:
+    """Each case against the same users' plain run (issue 14: within 10 %): idle pages by the app's tok/s (the raw
+    side has no pages), long conversations by the app's share of the raw engine (both sides run the same
+    conversations); for both, what the app adds to the engine's first token."""
+
+    def median(table: dict, name: str, key: str) -> float | None:
+        return (table.get(name) or {}).get(key, {}).get("median")
+
+    out = []
+    for name in app:
+        plain = name.split(",")[0].split(" + ")[0]  # the case's users, plain
+        if name == plain or plain not in app:
+            continue
+        gap, gap0 = median(app, name, "client_minus_engine_ms"), median(app, plain, "client_minus_engine_ms")
+        first = f"app − engine first token {gap or 0:.0f} vs {gap0 or 0:.0f} ms ({change(gap, gap0)})"
+        x, x0 = median(app, name, "tok_s"), median(app, plain, "tok_s")
+        if " + " in name:
+            out.append(f"{name} against {plain} users alone: app tok/s {change(x, x0)}; {first}.")
+            continue
+        r, r0 = median(raw, name, "tok_s"), median(raw, plain, "tok_s")
+        share, share0 = (x / r if x and r else None), (x0 / r0 if x0 and r0 else None)
+        shares = f"{share or 0:.2f} vs {share0 or 0:.2f} ({change(share, share0)})"
+        out.append(f"{name} against {plain} users' new ones: app / raw {shares}; {first}.")
+    return ["", *out] if out else []
+
+
 def write_report(results: dict) -> str:
     """The Markdown table (bench.md) and the chart (bench.png); returns the table."""
     a = results["args"]
@@ -362,6 +392,7 @@ def write_report(results: dict) -> str:
             f"{fmt(app[n]['client_minus_engine_ms'])} | {app[n]['errors']} |"
         )
         lines.append(row + (f" {fmt(api.get(n, {}).get('tok_s', {}))} |" if api else ""))
+    lines += against_plain(app, raw)
     burst = results.get("burst") or []
     if burst:
         lines += [

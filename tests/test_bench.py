@@ -757,3 +757,25 @@ def test_raw_users_start_together_however_long_their_conversations(monkeypatch):
         pipe.close()
     assert s["turns"] == 4 and s["errors"] == 0
     assert s["last_start_ms"][0] < 30  # every user's first turn starts with the clock
+
+
+def test_bench_app_report_sets_each_case_against_the_plain_users(tmp_path, monkeypatch):
+    """The report states the issue's relative figures itself: idle pages as the app's tok/s against the same users
+    alone, long conversations as the app's share of the raw engine against the plain case's (both sides run the
+    same conversations), and for both, what the app adds to the engine's first token."""
+    from bench import bench_app
+
+    monkeypatch.setattr(bench_app, "OUT", tmp_path)
+    plain, idle, long = "16", "16 + 100 idle pages", "16, 6,000-token conversations"
+    results = {
+        "gpu": "test GPU",
+        "args": {"turns": 2, "new_tokens": 256, "runs": 1, "burst": 0},
+        "app": {plain: [_run(900, 50)], idle: [_run(882, 60)], long: [{**_run(270, 150), "client_minus_engine_ms": 6.0}]},
+        "raw": {"runs": {plain: [_run(1000, 10)], long: [_run(300, 100)]}},
+    }
+    table = bench_app.write_report(results)
+    assert f"{idle} against {plain} users alone: app tok/s −2.0 %; app − engine first token 5 vs 5 ms (+0.0 %)." in table
+    assert (
+        f"{long} against {plain} users' new ones: app / raw 0.90 vs 0.90 (+0.0 %); app − engine first token 6 vs 5 ms (+20.0 %)."
+        in table
+    )
