@@ -779,26 +779,3 @@ def test_bench_app_report_sets_each_case_against_the_plain_users(tmp_path, monke
         f"{long} against {plain} users' new ones: app / raw 0.90 vs 0.90 (+0.0 %); app − engine first token 6 vs 5 ms (+20.0 %)."
         in table
     )
-
-
-def test_presses_at_once_do_not_tell_each_other_their_place_in_the_queue(launched, monkeypatch):
-    """A turn never waits in Gradio's queue (concurrency_limit=None; the engine's own queue does the waiting), yet
-    with Gradio's default status_update_rate="auto" every event that started sent each event still queued behind
-    it a new estimate: n presses at once made O(n^2) SSE messages on the web server's loop (32 at once on CPU: 1,079
-    estimates for 96 turns, against 96). Each press gets one, when it joins."""
-    from gradio.queueing import Queue
-    from gradio.server_messages import EstimationMessage
-
-    from bench.pages import users_on_pages
-
-    url, _, _ = launched
-    estimates = []
-    real = Queue.send_message
-    monkeypatch.setattr(
-        Queue,
-        "send_message",
-        lambda self, event, msg, *a, **k: estimates.append(isinstance(msg, EstimationMessage)) or real(self, event, msg, *a, **k),
-    )
-    turns, _, _ = asyncio.run(users_on_pages(url, 24, 1, 16))
-    assert len(turns) == 24 and not any(t["error"] for t in turns)
-    assert sum(estimates) <= len(turns)

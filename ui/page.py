@@ -229,10 +229,6 @@ html:not([data-settings-restored]) #chat-settings > button {{pointer-events: non
 
 SETTLED_TICK_S = 10.0  # with --engine-process: how often a page with settled engines still asks for their state
 CHAT_KEY = "internlm2-chat-history"  # where the browser keeps the chat (gr.BrowserState)
-# how often an event still waiting in Gradio's queue hears its place. Gradio's default ("auto") sent every queued
-# event a new estimate whenever any event started: n presses at once cost O(n^2) messages on the web server's loop
-# (32 at once: ~11 per turn), although a turn never waits there (its engine's queue does the waiting)
-QUEUE_STATUS_S = 1.0
 
 # gr.BrowserState keeps the chat in localStorage, which every tab of the browser shares: reloading one tab brought
 # back whichever tab wrote last, and its own chat was gone (new-user trial). Each tab also keeps its chat in its own
@@ -408,7 +404,7 @@ def build_demo(
         demo.unload(forget_session)
     demo_ref.append(demo)
     atexit.register(scratch.close)  # the files written for sessions (and the drawn examples) go with the server
-    demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()), status_update_rate=QUEUE_STATUS_S)
+    demo.queue(max_size=cfg.max_queue, default_concurrency_limit=max(limits.values()))
     replies.queue = demo._queue  # Undo/Clear look there for a /chat still waiting
     keep_queue_analytics_small(demo._queue)  # ui/queue_analytics.py: Gradio 6.17's queue slowed with uptime
     return demo, i18n
