@@ -6,6 +6,7 @@ python -m bench.chart   (redraws bench/results/bench-h100.png from the saved res
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +66,7 @@ def draw_app(app: dict, raw: dict, api: dict, gpu: str, out: Path) -> None:
 
     users = list(app)
     x = range(len(users))
+    names = [textwrap.fill(n, 14) for n in users]  # the cases' long names side by side
     series = [("raw engine (async streams)", raw), ("through the app", app)] + ([("api_server", api)] if api else [])
     width = 0.8 / len(series)
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
@@ -73,14 +75,15 @@ def draw_app(app: dict, raw: dict, api: dict, gpu: str, out: Path) -> None:
         lo = [m - (data.get(n, {}).get("tok_s", {}).get("min") or m) for m, n in zip(med, users)]
         hi = [(data.get(n, {}).get("tok_s", {}).get("max") or m) - m for m, n in zip(med, users)]
         ax[0].bar([i + (k - (len(series) - 1) / 2) * width for i in x], med, width, yerr=[lo, hi], capsize=3, label=label)
-    ax[0].set_xticks(list(x), users)
+    ax[0].set_xticks(list(x), names)
     ax[0].set_xlabel("concurrent users (returning sessions)")
     ax[0].set_ylabel("tokens/s (median, range of runs)")
     ax[0].legend()
     first = [app[n]["first_ms"].get("median") or 0 for n in users]
     gap = [app[n]["client_minus_engine_ms"].get("median") or 0 for n in users]
-    ax[1].plot(users, first, "o-", label="first text at the client")
-    ax[1].plot(users, gap, "x--", label="client − engine first token")
+    ax[1].plot(list(x), first, "o-", label="first text at the client")
+    ax[1].plot(list(x), gap, "x--", label="client − engine first token")
+    ax[1].set_xticks(list(x), names)
     ax[1].set_xlabel("concurrent users")
     ax[1].set_ylabel("ms (median of runs)")
     ax[1].legend()
