@@ -60,7 +60,8 @@ def measure(pipe, gen, users: int, turns: int, history_tokens: int = 0) -> dict:
     """`users` concurrent streams in lmdeploy's own loop; the same summary as the app's users get. The conversations
     are built first, as the app's users have theirs before they press Enter (counting a long one's tokens takes
     the tokenizer tens of ms)."""
-    histories = [history_of(u, history_tokens, token_counter(str(TEXT))) for u in range(users)]
+    count = token_counter(str(TEXT)) if history_tokens > 0 else None  # the tokenizer, for long chats only
+    histories = [history_of(u, history_tokens, count) for u in range(users)]
 
     async def everyone():
         t0 = time.perf_counter()

@@ -779,3 +779,8 @@ def test_bench_app_report_sets_each_case_against_the_plain_users(tmp_path, monke
         f"{long} against {plain} users' new ones: app / raw 0.90 vs 0.90 (+0.0 %); app − engine first token 6 vs 5 ms (+20.0 %)."
         in table
     )
+    del results["raw"]  # the raw reference failed: unknown, not zero
+    table = bench_app.write_report(results)
+    assert f"{long} against {plain} users' new ones: app / raw ? vs ? (?); app − engine first token 6 vs 5 ms" in table
+    results["args"]["case_users"] = 8  # no plain run of the cases' users
+    assert "No plain run at 8 users to set the cases against." in bench_app.write_report(results)
