@@ -267,6 +267,20 @@ def test_after_sending_the_box_has_the_focus_and_a_refused_blank_message_is_clea
     assert pg.locator("#chatbot .user-row").count() == 2
 
 
+
+def test_what_is_typed_right_after_enter_is_kept(page, engines):
+    """The box lets go of a sent message when the server takes it, a moment after Enter; whatever was typed in that
+    moment is the next message and stays (new-user trial: "first", Enter, then "second" at once left "econd")."""
+    pg = page
+    text, _ = engines
+    text.delay_s = 0.3  # the reply's first word comes late: the box is emptied before it, with the question shown
+    type_and_enter(pg, "first")
+    pg.keyboard.type("second", delay=40)
+    page_has(pg, "You said: first", "#chatbot")
+    wait_enabled(pg, "#chat-send")
+    assert pg.input_value("#chat-input textarea") == "second"
+
+
 OVERLAPS = """() => {
   const bar = document.querySelector('#chatbot .top-panel'), area = document.querySelector('#chatbot .bubble-wrap');
   const t = bar.getBoundingClientRect(), a = area.getBoundingClientRect();

@@ -323,7 +323,13 @@ def build_chat_tab(
         # every update re-encrypted the whole conversation each time); the buttons are given back in the page when
         # the turn ends.
         sent = gr.State(0)  # messages this page has sent
-        sent.change(None, None, msg, js="() => ''", api_visibility="private", queue=False)
+        # the box lets go of the sent text only: what was typed after Enter, before the server took the message, stays
+        # (new-user trial: "first", Enter, "second" at once left "econd"). Enter and Send note the text they send, at the
+        # keypress itself (ui/page.py ENTER_GUARD): Gradio runs an event's js a keystroke or more later.
+        let_go = """() => { const m = document.querySelector('#chat-input textarea')?.value || '';
+                            const s = window.chatSentText || ''; window.chatSentText = '';
+                            return m.slice(m.startsWith(s) ? s.length : 0); }"""  # the box as it is now, not as last stored
+        sent.change(None, None, msg, js=let_go, api_visibility="private", queue=False)
         UNSAVED = None  # the browser keeps the conversation it saved last
 
         async def answer(sent_now, history, system_prompt, sampling, request):

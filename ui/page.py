@@ -163,11 +163,17 @@ ENTER_GUARD = """<script>
         e.stopImmediatePropagation();
         if (!composing) e.preventDefault();
         if (!composing && e.type === "keydown" && stop) explain(button, stop, note);
+      } else if (box === "#chat-input" && e.type === "keydown") {
+        window.chatSentText = e.target.value;  // what this Enter sends: the box lets go of it alone (ui/chat_tab.py)
       }
     }
   };
   window.addEventListener("keydown", guard, true);
   window.addEventListener("keypress", guard, true);
+  window.addEventListener("click", (e) => {
+    if (e.target instanceof Element && e.target.closest("#chat-send:not([disabled])"))
+      window.chatSentText = document.querySelector("#chat-input textarea")?.value || "";
+  }, true);
 })();
 </script>"""
 
