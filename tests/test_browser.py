@@ -267,7 +267,6 @@ def test_after_sending_the_box_has_the_focus_and_a_refused_blank_message_is_clea
     assert pg.locator("#chatbot .user-row").count() == 2
 
 
-
 def test_what_is_typed_right_after_enter_is_kept(page, engines):
     """The box lets go of a sent message when the server takes it, a moment after Enter; whatever was typed in that
     moment is the next message and stays (new-user trial: "first", Enter, then "second" at once left "econd")."""
