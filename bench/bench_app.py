@@ -26,7 +26,7 @@ import time
 from datetime import date
 
 from bench.pages import gradio_phases, users_in_browsers, users_on_pages, wait_ready
-from bench.runs import OUT, TEXT, VISION, as_the_app_builds, engine_processes, save, stop_app
+from bench.runs import OUT, TEXT, VISION, as_the_app_builds, engine_processes, host, save, stop_app
 from bench.sse_client import image_in_page, image_users
 from bench.timeline import events_for, joined, segments
 from bench.workload import seam_users, spread, summarize
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     from model_loader.memory.gpu import gpu_memory  # noqa: PLC0415
 
     mem = gpu_memory()
-    results: dict = {"gpu": mem.name if mem else "no GPU", "args": {k: v for k, v in vars(a).items() if k != "users_list"}}
+    results: dict = {"gpu": mem.name if mem else "no GPU", "host": host()}
+    results["args"] = {k: v for k, v in vars(a).items() if k != "users_list"}
     server = None
     if a.app_backend == "api_server":
         a.no_image = True

@@ -43,6 +43,16 @@ def as_the_app_builds(cfg):
     return planner.engine_config(cfg, plan)
 
 
+def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The host's CPU model and count: H100 hosts differ in CPU, where the app spends its time (docs/throughput.md)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return {"cpu": None, "cpus": None}
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {"cpu": models[0] if models else None, "cpus": sum(line.startswith("processor") for line in lines) or None}
+
+
 def used_mib() -> float:
     m = gpu_memory()
     return m.used_mib if m else 0.0

@@ -784,3 +784,15 @@ def test_bench_app_report_sets_each_case_against_the_plain_users(tmp_path, monke
     assert f"{long} against {plain} users' new ones: app / raw ? vs ? (?); app − engine first token 6 vs 5 ms" in table
     results["args"]["case_users"] = 8  # no plain run of the cases' users
     assert "No plain run at 8 users to set the cases against." in bench_app.write_report(results)
+
+
+def test_a_bench_run_names_the_host_it_ran_on(tmp_path):
+    """H100 hosts differ in CPU, where the app spends its time (round 10-11: 0.84-0.94 at 32 users with the same
+    code), so each run records the host's CPU model and cores, read from /proc/cpuinfo."""
+    from bench.runs import host
+
+    info = tmp_path / "cpuinfo"
+    cpu = "model name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+    info.write_text(f"processor\t: 0\n{cpu}\nprocessor\t: 1\n{cpu}")
+    assert host(info) == {"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpus": 2}
+    assert host(tmp_path / "absent") == {"cpu": None, "cpus": None}
