@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=0,
         help="users per measuring process, as people have browsers of their own (0: all in one process; 8 per process "
-        "measured no better in one H100 call: docs/throughput.md)",
+        "measured no better in round 8, 4 per process worse in round 11, on an H100: docs/throughput.md)",
     )
     ap.add_argument(
         "--py-spy", action="store_true", help="py-spy the app (all threads, and GIL holders) in the first run at most users"
