@@ -684,8 +684,9 @@ def test_the_page_still_shows_user_text_literally_where_api_clients_get_it_as_ty
 
     pg = page
     text = "<s>x</s> **not bold** `x`"
-    for message in (text, "second"):
+    for i, message in enumerate((text, "second")):
         type_and_enter(pg, message)
+        pg.wait_for_function(f"document.querySelectorAll('#chatbot .bot-row').length === {i + 1}")  # Send is off first
         wait_enabled(pg, "#chat-send")
     pg.click("#chat-undo")
     pg.wait_for_function("document.querySelectorAll('#chatbot .user-row').length === 1")
